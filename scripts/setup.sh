@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Idempotent set-up: Debian packages + Caffe (scripts/install_caffe.sh), the
+# virtual environment .venv/ with tinycaffe installed (pip install -e .), and
+# pycaffe importable from it. A second run changes nothing and takes seconds.
+#
+#   scripts/setup.sh [--cpu|--cuda] [--force]     (flags go to install_caffe.sh)
+#
+# Environment: PYTHON (interpreter for the venv, default python3), TINYCAFFE_HOME,
+# CAFFE_SRC, CAFFE_ROOT (see scripts/install_caffe.sh).
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$REPO/.venv"
+TINYCAFFE_HOME="${TINYCAFFE_HOME:-$HOME/.cache/tinycaffe}"
+export TINYCAFFE_HOME
+
+log() { printf '[setup] %s\n' "$*"; }
+die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
+
+ensure_venv() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    local py="${PYTHON:-python3}"
+    command -v "$py" >/dev/null || die "no $py found; set PYTHON=/path/to/python3 (3.9 or newer)"
+    if ! "$py" -m venv "$VENV" 2>/dev/null; then
+      # Debian's python3 needs python3-venv for `-m venv`.
+      [ "$(id -u)" -eq 0 ] || die "python3 -m venv failed; as root run: apt-get install -y python3-venv"
+      DEBIAN_FRONTEND=noninteractive apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+      "$py" -m venv "$VENV"
+    fi
+    log "created $VENV ($("$VENV/bin/python" --version))"
+  fi
+}
+
+ensure_python_deps() {
+  # Skip pip entirely when requirements.txt and setup.py are unchanged since the last install.
+  local stamp="$VENV/.tinycaffe-deps" want
+  want="$(cat "$REPO/requirements.txt" "$REPO/setup.py" | sha256sum | cut -c1-16)"
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
+      && "$VENV/bin/python" -c "import tinycaffe" >/dev/null 2>&1; then
+    log "python packages up to date"
+    return
+  fi
+  log "installing python packages (requirements.txt) and tinycaffe (editable)"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$REPO/requirements.txt"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e "$REPO"
+  printf '%s\n' "$want" > "$stamp"
+}
+
+link_caffe() {
+  # install_caffe.sh records where Caffe is; make the venv see it.
+  local env_file="$TINYCAFFE_HOME/caffe.env"
+  [ -f "$env_file" ] || die "$env_file missing after install_caffe.sh"
+  local pydir bin site
+  pydir="$(sed -n 's/^PYCAFFE_DIR=//p' "$env_file")"
+  bin="$(sed -n 's/^CAFFE_BIN=//p' "$env_file")"
+  site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  printf '%s\n' "$pydir" > "$site/tinycaffe-pycaffe.pth"
+  ln -sf "$bin" "$VENV/bin/caffe"
+  local tool
+  for tool in compute_image_mean upgrade_net_proto_text upgrade_solver_proto_text; do
+    [ -x "$(dirname "$bin")/$tool" ] && ln -sf "$(dirname "$bin")/$tool" "$VENV/bin/$tool"
+  done
+  "$VENV/bin/python" -c "import os; os.environ['GLOG_minloglevel']='2'; import caffe" \
+    || die "pycaffe does not import from $VENV (pth: $site/tinycaffe-pycaffe.pth)"
+}
+
+main() {
+  ensure_venv
+  ensure_python_deps
+  "$REPO/scripts/install_caffe.sh" --python "$VENV/bin/python" "$@"
+  link_caffe
+  log "ready. Use the venv:    source .venv/bin/activate   (puts caffe and compute_image_mean on PATH)"
+  log "or call it directly:   .venv/bin/python tools/make_sample_data.py data/sample/tiny-imagenet-200"
+}
+
+main "$@"

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set everything up (Debian packages, Caffe, .venv), then run the test suite.
+#   scripts/test.sh [pytest args...]
+# pytest exits 5 when no test ran; with `set -e` that fails this script too,
+# so a run that selected nothing can never pass silently.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+"$REPO/scripts/setup.sh" --cpu
+cd "$REPO"
+exec "$REPO/.venv/bin/python" -m pytest "$@"

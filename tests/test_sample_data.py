@@ -1,0 +1,153 @@
+"""tools/make_sample_data.py writes the exact tiny-imagenet-200 layout (SPEC section 1)."""
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from tinycaffe import resources, sample_data
+
+TOOL = "tools/make_sample_data.py"
+
+
+def read_lines(path):
+    with open(path) as f:
+        return [line.rstrip("\n") for line in f]
+
+
+def tree_digest(root):
+    """sha256 of every file's relative path and bytes, in sorted order."""
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in sorted(os.walk(root)):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            h.update(os.path.relpath(path, root).encode())
+            with open(path, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
+def test_wnids_are_real_unique_and_not_sorted(small_sample):
+    root, _ = small_sample
+    wnids = read_lines(os.path.join(root, "wnids.txt"))
+    assert len(wnids) == 4 and len(set(wnids)) == 4
+    assert set(wnids) <= set(resources.reference_wnids())
+    assert wnids != sorted(wnids)
+
+
+def test_words_lists_more_synsets_than_classes(small_sample):
+    root, _ = small_sample
+    rows = [line.split("\t") for line in read_lines(os.path.join(root, "words.txt"))]
+    assert all(len(r) == 2 and r[0].startswith("n") and r[1] for r in rows)
+    words = dict(rows)
+    assert len(words) == len(rows) > 200
+    for wnid in read_lines(os.path.join(root, "wnids.txt")):
+        assert wnid in words
+
+
+def test_train_images_and_boxes(small_sample):
+    root, _ = small_sample
+    for wnid in read_lines(os.path.join(root, "wnids.txt")):
+        images = sorted(os.listdir(os.path.join(root, "train", wnid, "images")))
+        assert images == sorted("%s_%d.JPEG" % (wnid, i) for i in range(12))
+        rows = [line.split("\t") for line in read_lines(os.path.join(root, "train", wnid, wnid + "_boxes.txt"))]
+        assert [r[0] for r in rows] == ["%s_%d.JPEG" % (wnid, i) for i in range(12)]
+        for r in rows:
+            assert len(r) == 5
+            x0, y0, x1, y1 = map(int, r[1:])
+            assert 0 <= x0 <= x1 <= 63 and 0 <= y0 <= y1 <= 63
+
+
+def test_val_annotations_balanced_and_in_range(small_sample):
+    root, _ = small_sample
+    wnids = read_lines(os.path.join(root, "wnids.txt"))
+    rows = [line.split("\t") for line in read_lines(os.path.join(root, "val", "val_annotations.txt"))]
+    assert [r[0] for r in rows] == ["val_%d.JPEG" % i for i in range(12)]
+    assert sorted(os.listdir(os.path.join(root, "val", "images"))) == sorted(r[0] for r in rows)
+    for r in rows:
+        assert len(r) == 6 and r[1] in wnids
+        x0, y0, x1, y1 = map(int, r[2:])
+        assert 0 <= x0 <= x1 <= 63 and 0 <= y0 <= y1 <= 63
+    assert sorted(r[1] for r in rows) == sorted(wnids * 3)
+    assert len({r[1] for r in rows[:4]}) > 1, "val must be mixed, not grouped by class"
+
+
+def test_test_split_is_unlabeled(small_sample):
+    root, _ = small_sample
+    assert sorted(os.listdir(os.path.join(root, "test"))) == ["images"]
+    assert sorted(os.listdir(os.path.join(root, "test", "images"))) == sorted("test_%d.JPEG" % i for i in range(12))
+
+
+def test_every_image_is_a_64x64_jpeg_some_grayscale(small_sample):
+    root, summary = small_sample
+    modes = []
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            if name.endswith(".JPEG"):
+                with Image.open(os.path.join(dirpath, name)) as im:
+                    assert im.format == "JPEG" and im.size == (64, 64), name
+                    modes.append(im.mode)
+    assert len(modes) == 4 * (12 + 3 + 3)
+    assert set(modes) == {"RGB", "L"}
+    assert modes.count("L") == summary["grayscale"] >= 3  # one forced per split at least
+
+
+def test_same_seed_same_bytes_other_seed_other_images(tmp_path):
+    args = dict(classes=3, train=4, val=2, test=2)
+    sample_data.generate(str(tmp_path / "a"), seed=5, **args)
+    sample_data.generate(str(tmp_path / "b"), seed=5, **args)
+    sample_data.generate(str(tmp_path / "c"), seed=6, **args)
+    assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
+    assert tree_digest(tmp_path / "a") != tree_digest(tmp_path / "c")
+
+
+def test_classes_differ_in_the_pictures():
+    """Same rng state, two classes: the drawn objects differ (shape/colour/texture)."""
+    import random
+    import numpy as np
+    table = sample_data.class_table(200)
+    assert len({(c.shape, c.colour, c.texture) for c in table}) == 200
+    a, _ = sample_data.render(table[0], random.Random(1))
+    b, _ = sample_data.render(table[1], random.Random(1))
+    assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).mean() > 1.0
+
+
+# ---------------------------------------------------------------- command line
+def run_tool(repo, *args):
+    return subprocess.run([sys.executable, TOOL, *args], cwd=repo, capture_output=True, text=True)
+
+
+def test_cli_writes_dataset_and_summary(repo, tmp_path):
+    out = run_tool(repo, str(tmp_path / "ds"), "--classes", "2", "--train", "3", "--val", "1",
+                   "--test", "1", "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert "2 classes, 6 train / 2 val / 2 test" in out.stdout
+    assert len(read_lines(tmp_path / "ds" / "wnids.txt")) == 2
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--classes", "201"], "--classes must be in 1..200"),
+    (["--classes", "0"], "--classes must be in 1..200"),
+    (["--train", "-1"], "--train must be >= 0"),
+])
+def test_cli_bad_arguments_one_line_error(repo, tmp_path, args, needle):
+    out = run_tool(repo, str(tmp_path / "ds"), "--quiet", *args)
+    assert out.returncode == 2
+    assert needle in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_cli_refuses_to_overwrite_a_dataset(repo, small_sample):
+    root, _ = small_sample
+    before = tree_digest(root)
+    out = run_tool(repo, root, "--quiet")
+    assert out.returncode == 2 and "already holds a dataset" in out.stderr
+    assert tree_digest(root) == before
+
+
+def test_cli_help_states_defaults(repo):
+    out = run_tool(repo, "--help")
+    assert out.returncode == 0
+    assert "(default 10)" in out.stdout and "(default 100)" in out.stdout
