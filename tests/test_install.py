@@ -1,4 +1,5 @@
 """The Caffe that scripts/install_caffe.sh built: binary, pycaffe, math, failure paths."""
+import glob
 import os
 import subprocess
 import sys
@@ -117,24 +118,28 @@ def test_install_script_second_run_rebuilds_nothing(repo):
     assert "pycaffe 1.0.0 OK" in out.stdout
 
 
-def _patched_io_cpp(repo):
-    """The lines our protobuf patch leaves in io.cpp (context + added lines)."""
-    lines = []
-    with open(os.path.join(repo, "scripts/patches/0001-protobuf-settotalbyteslimit.patch")) as f:
-        in_hunk = False
-        for line in f:
-            if line.startswith("@@"):
-                in_hunk = True
-            elif in_hunk and line[:1] in (" ", "+"):
-                lines.append(line[1:])
-    return "".join(lines)
+def _write_patched_files(repo, src):
+    """Write, for every file our patches touch, the lines the patch leaves there
+    (context + added), so that install_caffe.sh sees the patches as applied."""
+    for patch in glob.glob(os.path.join(repo, "scripts/patches/*.patch")):
+        target, lines = None, []
+        with open(patch) as f:
+            for line in f:
+                if line.startswith("+++ b/"):
+                    target = line[6:].split("\t")[0].strip()
+                elif line.startswith("@@"):
+                    continue
+                elif target and line[:1] in (" ", "+"):
+                    lines.append(line[1:])
+        path = src / target
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(lines))
 
 
 def test_failed_build_leaves_no_prefix_behind(repo, tmp_path):
     """A source tree whose configure fails: exit non-zero, no prefix, no scratch dir."""
     src = tmp_path / "bad-src"
-    (src / "src/caffe/util").mkdir(parents=True)
-    (src / "src/caffe/util/io.cpp").write_text(_patched_io_cpp(repo))
+    _write_patched_files(repo, src)
     (src / "CMakeLists.txt").write_text('cmake_minimum_required(VERSION 3.5)\nmessage(FATAL_ERROR "boom")\n')
     home = tmp_path / "home"
     env = dict(os.environ, TINYCAFFE_HOME=str(home), CAFFE_SRC=str(src))

@@ -51,3 +51,15 @@ def import_caffe():
     except ImportError as exc:
         raise CaffeNotFound("cannot import pycaffe (%s); run scripts/setup.sh and use .venv/bin/python" % exc)
     return caffe
+
+
+_PB2 = []
+
+
+def caffe_pb2():
+    """Caffe's own protobuf messages (caffe.proto.caffe_pb2), imported once."""
+    if not _PB2:
+        import_caffe()
+        from caffe.proto import caffe_pb2 as pb2
+        _PB2.append(pb2)
+    return _PB2[0]

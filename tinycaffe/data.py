@@ -1,0 +1,464 @@
+"""tiny-imagenet-200/ -> Caffe LMDBs (train/val/test), mean.binaryproto, labels.txt, manifest.json.
+
+The contract is SPEC sections 1-3: Datums of raw uint8 BGR CxHxW, label = index
+of the wnid in the *sorted* wnid list, zero-padded keys whose byte order is the
+intended read order. Images are decoded in worker processes and written by this
+one; everything is built in a temporary sibling of OUT_DIR and renamed into
+place only when complete, so an interrupted run never leaves a half LMDB there.
+"""
+import glob
+import hashlib
+import json
+import multiprocessing
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import lmdb
+import numpy as np
+from PIL import Image
+
+from . import __version__
+from .caffe_env import caffe_pb2
+
+# ---------------------------------------------------------------- defaults
+DEFAULT_SEED = 0  # train shuffle seed
+DEFAULT_SIZE = 64  # output side; Tiny ImageNet images are already 64x64
+DEFAULT_SPLITS = ("train", "val", "test")  # what to convert
+RESIZE_FILTER = "BICUBIC"  # Pillow filter for the rare image of another size
+TEST_LABEL = -1  # test images are unlabeled; -1 is never a class index
+KEY_FORMAT = "%08d_%s"  # position + file name: byte order = read order, name recoverable
+COMMIT_EVERY = 1000  # records per LMDB transaction
+INITIAL_MAP_SIZE = 64 << 20  # bytes; doubled on MDB_MAP_FULL, so no fixed 1 TB map
+CHUNK = 64  # images per task sent to a decode worker
+
+WNID_RE = re.compile(r"^n\d{8}$")
+
+
+class DataError(Exception):
+    """Bad input: the message names the file (and line) and what was expected."""
+
+
+class BadImage(DataError):
+    pass
+
+
+@dataclass
+class Record:
+    path: str  # absolute path of the JPEG
+    name: str  # file name (what the key and the submission carry)
+    label: int
+
+
+@dataclass
+class SplitResult:
+    count: int = 0
+    resized: int = 0
+    modes: dict = field(default_factory=dict)  # source image mode -> count (L, CMYK, P, ...)
+    skipped: list = field(default_factory=list)  # {"file", "reason"}
+    per_class: dict = field(default_factory=dict)  # wnid -> count
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------- reading the layout
+def _require_file(path, what):
+    if not os.path.isfile(path):
+        raise DataError("%s: missing (expected %s)" % (path, what))
+
+
+def _require_dir(path, what):
+    if not os.path.isdir(path):
+        raise DataError("%s: missing directory (expected %s)" % (path, what))
+
+
+def read_wnids(data_dir):
+    """The class list from wnids.txt (never words.txt), validated; sorted order = class index."""
+    path = os.path.join(data_dir, "wnids.txt")
+    _require_file(path, "one wnid per line, e.g. n01443537")
+    wnids = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            wnid = line.strip()
+            if not wnid:
+                continue
+            if not WNID_RE.match(wnid):
+                raise DataError("%s:%d: '%s' is not a wnid (expected n + 8 digits)" % (path, lineno, wnid))
+            if wnid in wnids:
+                raise DataError("%s:%d: duplicate wnid %s" % (path, lineno, wnid))
+            wnids.append(wnid)
+    if not wnids:
+        raise DataError("%s: empty (expected one wnid per line)" % path)
+    return sorted(wnids)
+
+
+def read_words(data_dir, wnids):
+    """wnid -> words for our classes only (words.txt lists ~82,000 synsets)."""
+    path = os.path.join(data_dir, "words.txt")
+    _require_file(path, "wnid<TAB>words lines")
+    wanted, words = set(wnids), {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            wnid, _, text = line.rstrip("\n").partition("\t")
+            if wnid in wanted:
+                words[wnid] = text.strip()
+    return words
+
+
+def _check_name(name, path, lineno, prefix):
+    if "/" in name or "\\" in name or ".." in name or not name.startswith(prefix):
+        raise DataError("%s:%d: bad file name '%s' (expected a plain %s*.JPEG name)" % (path, lineno, name, prefix))
+
+
+def _numbered(names, prefix, where):
+    """Sort file names like prefix_N.JPEG by N (test_2 before test_10)."""
+    pattern = re.compile(r"^%s(\d+)\.JPEG$" % re.escape(prefix))
+    keyed = []
+    for name in names:
+        m = pattern.match(name)
+        if not m:
+            raise DataError("%s: unexpected file '%s' (expected %sN.JPEG)" % (where, name, prefix))
+        keyed.append((int(m.group(1)), name))
+    return [name for _, name in sorted(keyed)]
+
+
+def list_train(data_dir, wnids, seed):
+    records = []
+    for label, wnid in enumerate(wnids):
+        img_dir = os.path.join(data_dir, "train", wnid, "images")
+        _require_dir(img_dir, "the train images of %s" % wnid)
+        for name in _numbered(os.listdir(img_dir), wnid + "_", img_dir):
+            records.append(Record(os.path.join(img_dir, name), name, label))
+    random.Random(seed).shuffle(records)
+    return records
+
+
+def list_val(data_dir, wnids):
+    path = os.path.join(data_dir, "val", "val_annotations.txt")
+    _require_file(path, "filename<TAB>wnid<TAB>x0<TAB>y0<TAB>x1<TAB>y1 lines")
+    img_dir = os.path.join(data_dir, "val", "images")
+    _require_dir(img_dir, "the val images")
+    index = {w: i for i, w in enumerate(wnids)}
+    records, seen = [], set()
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            cols = line.rstrip("\n").split("\t")
+            if len(cols) != 6:
+                raise DataError("%s:%d: %d columns, expected 6 (filename wnid x0 y0 x1 y1)" % (path, lineno, len(cols)))
+            name, wnid = cols[0], cols[1]
+            _check_name(name, path, lineno, "val_")
+            if wnid not in index:
+                raise DataError("%s:%d: unknown wnid %s (not in wnids.txt)" % (path, lineno, wnid))
+            if name in seen:
+                raise DataError("%s:%d: %s listed twice" % (path, lineno, name))
+            if not os.path.isfile(os.path.join(img_dir, name)):
+                raise DataError("%s:%d: %s does not exist in %s" % (path, lineno, name, img_dir))
+            seen.add(name)
+            records.append(Record(os.path.join(img_dir, name), name, index[wnid]))
+    return records
+
+
+def list_test(data_dir):
+    img_dir = os.path.join(data_dir, "test", "images")
+    _require_dir(img_dir, "the test images")
+    return [Record(os.path.join(img_dir, name), name, TEST_LABEL)
+            for name in _numbered(os.listdir(img_dir), "test_", img_dir)]
+
+
+# ---------------------------------------------------------------- decoding (in workers)
+def decode_bgr_chw(path, size):
+    """JPEG -> (uint8 bytes BGR CxHxW, source mode, resized?). Raises BadImage."""
+    try:
+        with Image.open(path) as im:
+            im.load()  # Pillow decodes lazily: truncation shows up here
+            mode = im.mode
+            rgb = im.convert("RGB")  # L replicates the gray plane; CMYK/P/RGBA convert
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise BadImage("%s: cannot decode (%s)" % (path, exc))
+    resized = rgb.size != (size, size)
+    if resized:
+        rgb = rgb.resize((size, size), getattr(Image.Resampling, RESIZE_FILTER))
+    hwc = np.asarray(rgb, dtype=np.uint8)
+    return np.ascontiguousarray(hwc[:, :, ::-1].transpose(2, 0, 1)).tobytes(), mode, resized
+
+
+def datum_bytes(chw, size, label):
+    d = caffe_pb2().Datum(channels=3, height=size, width=size, data=chw, label=label, encoded=False)
+    return d.SerializeToString()
+
+
+def _decode_chunk(args):
+    """Worker task: (index, path, label) items -> ([(index, datum bytes, mode, resized, error)], pixel sum).
+
+    The pixel sum (uint32 CxHxW over the good images) is summed here, so only
+    the serialised Datum crosses the process boundary, not a second copy of the pixels.
+    """
+    chunk, size = args
+    out, pixel_sum = [], np.zeros((3, size, size), np.uint32)
+    for i, path, label in chunk:
+        try:
+            chw, mode, resized = decode_bgr_chw(path, size)
+        except BadImage as exc:
+            out.append((i, None, None, None, str(exc)))
+            continue
+        pixel_sum += np.frombuffer(chw, np.uint8).reshape(3, size, size)
+        out.append((i, datum_bytes(chw, size, label), mode, resized, None))
+    return out, pixel_sum
+
+
+# ---------------------------------------------------------------- writing
+class LmdbWriter:
+    """Buffered puts; the map grows by doubling when LMDB says it is full."""
+
+    def __init__(self, path):
+        self.env = lmdb.open(path, map_size=INITIAL_MAP_SIZE, subdir=True, meminit=False, map_async=True)
+        self.pending = []
+
+    def put(self, key, value):
+        self.pending.append((key, value))
+        if len(self.pending) >= COMMIT_EVERY:
+            self.flush()
+
+    def flush(self):
+        while self.pending:
+            try:
+                with self.env.begin(write=True) as txn:
+                    for key, value in self.pending:
+                        txn.put(key, value)
+                self.pending = []
+            except lmdb.MapFullError:
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+
+    def close(self):
+        self.flush()
+        self.env.sync(True)
+        self.env.close()
+
+
+def write_split(records, lmdb_path, size, workers, mean_sum=None, skip_bad=False, progress=None):
+    """Decode records in order and write them; returns a SplitResult.
+
+    mean_sum, if given, is a float64 CxHxW array the pixels are added to.
+    """
+    result = SplitResult()
+    writer = LmdbWriter(lmdb_path)
+    tasks = [([(i, r.path, r.label) for i, r in enumerate(records[s:s + CHUNK], s)], size)
+             for s in range(0, len(records), CHUNK)]
+    t0 = time.time()
+    pool = multiprocessing.Pool(workers) if workers > 1 else None
+    try:
+        results = pool.imap(_decode_chunk, tasks) if pool else map(_decode_chunk, tasks)
+        position = 0  # keys count written records, so a skipped image leaves no gap
+        for chunk, pixel_sum in results:
+            if mean_sum is not None:
+                mean_sum += pixel_sum
+            for i, value, mode, resized, error in chunk:
+                record = records[i]
+                if error:
+                    if not skip_bad:
+                        raise BadImage(error)
+                    result.skipped.append({"file": record.path, "reason": error.split(": ", 1)[-1]})
+                    continue
+                writer.put((KEY_FORMAT % (position, record.name)).encode("ascii"), value)
+                position += 1
+                if mode != "RGB":
+                    result.modes[mode] = result.modes.get(mode, 0) + 1
+                result.resized += int(resized)
+                result.per_class[record.label] = result.per_class.get(record.label, 0) + 1
+            if progress:
+                progress(len(chunk))
+        result.count = position
+    finally:
+        if pool:
+            pool.terminate()
+        writer.close()
+    result.seconds = time.time() - t0
+    return result
+
+
+def mean_blob_bytes(mean_chw):
+    """BlobProto 1x3xHxW, the legacy num/channels/height/width fields, as compute_image_mean writes."""
+    c, h, w = mean_chw.shape
+    blob = caffe_pb2().BlobProto(num=1, channels=c, height=h, width=w)
+    blob.data.extend(mean_chw.astype(np.float32).ravel().tolist())
+    return blob.SerializeToString()
+
+
+def read_mean(path):
+    """mean.binaryproto -> float32 array CxHxW."""
+    blob = caffe_pb2().BlobProto()
+    with open(path, "rb") as f:
+        blob.ParseFromString(f.read())
+    if blob.HasField("shape"):
+        dims = list(blob.shape.dim)
+    else:
+        dims = [blob.num, blob.channels, blob.height, blob.width]
+    return np.asarray(blob.data, np.float32).reshape(dims[-3:])
+
+
+def source_fingerprint(records_by_split):
+    """sha256 over (split, file name, size) of every image: same files -> same fingerprint."""
+    h = hashlib.sha256()
+    for split in sorted(records_by_split):
+        for r in sorted(records_by_split[split], key=lambda r: r.name):
+            h.update(("%s/%s %d\n" % (split, r.name, os.path.getsize(r.path))).encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- the whole job
+def _atomic_write(path, data, mode="w"):
+    tmp = path + ".tmp"
+    with open(tmp, mode) as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _remove_stale_temps(out_dir):
+    """Temp siblings left by a killed run (their pid is gone) are garbage."""
+    parent, base = os.path.split(os.path.abspath(out_dir))
+    for path in glob.glob(os.path.join(parent, ".%s.tmp-*" % base)) + glob.glob(os.path.join(parent, ".%s.old-*" % base)):
+        try:
+            pid = int(path.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass
+
+
+def _install(tmp_dir, out_dir, force):
+    """Rename the finished tree into place; with --force the old one goes only now."""
+    if os.path.exists(out_dir):
+        if not force:
+            raise DataError("%s: exists; use --force to replace it" % out_dir)
+        parent, base = os.path.split(os.path.abspath(out_dir))
+        old = os.path.join(parent, ".%s.old-%d" % (base, os.getpid()))
+        os.rename(out_dir, old)
+        os.rename(tmp_dir, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp_dir, out_dir)
+
+
+def make_lmdbs(data_dir, out_dir, workers=None, seed=DEFAULT_SEED, force=False, skip_bad=False,
+               splits=DEFAULT_SPLITS, size=DEFAULT_SIZE, progress_factory=None, log=print):
+    """Convert data_dir into out_dir; returns the manifest dict.
+
+    progress_factory(split, total) returns a callable(n) or None.
+    """
+    workers = workers or os.cpu_count() or 1
+    unknown = [s for s in splits if s not in DEFAULT_SPLITS]
+    if unknown or not splits:
+        raise DataError("--splits: unknown %s (valid: %s)" % (",".join(unknown) or "(none)", ",".join(DEFAULT_SPLITS)))
+    if size < 1:
+        raise DataError("--size must be >= 1, got %d" % size)
+    if os.path.exists(out_dir) and not force:
+        raise DataError("%s: exists; use --force to replace it (it is left untouched)" % out_dir)
+    if not os.path.isdir(data_dir):
+        raise DataError("%s: not a directory (expected the tiny-imagenet-200 folder)" % data_dir)
+
+    t_start = time.time()
+    wnids = read_wnids(data_dir)
+    words = read_words(data_dir, wnids)
+    listers = {"train": lambda: list_train(data_dir, wnids, seed), "val": lambda: list_val(data_dir, wnids),
+               "test": lambda: list_test(data_dir)}
+    records = {s: listers[s]() for s in DEFAULT_SPLITS if s in splits}  # all listed before any work
+
+    _remove_stale_temps(out_dir)
+    parent, base = os.path.split(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp_dir = os.path.join(parent, ".%s.tmp-%d" % (base, os.getpid()))
+    os.makedirs(tmp_dir)
+    try:
+        manifest = _convert(records, wnids, words, tmp_dir, workers, seed, skip_bad, size, splits,
+                            progress_factory, data_dir)
+        manifest["elapsed_seconds"] = round(time.time() - t_start, 3)
+        total = sum(v["count"] for v in manifest["splits"].values())
+        manifest["images_per_second"] = round(total / max(manifest["elapsed_seconds"], 1e-9), 1)
+        _atomic_write(os.path.join(tmp_dir, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
+        _install(tmp_dir, out_dir, force)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _convert(records, wnids, words, tmp_dir, workers, seed, skip_bad, size, splits, progress_factory, data_dir):
+    manifest = {
+        "tinycaffe_version": __version__,
+        "source": os.path.abspath(data_dir),
+        "source_fingerprint": source_fingerprint(records),
+        "seed": seed,
+        "settings": {"size": size, "workers": workers, "splits": list(splits), "skip_bad": skip_bad,
+                     "resize_filter": RESIZE_FILTER, "key_format": KEY_FORMAT, "test_label": TEST_LABEL,
+                     "channel_order": "BGR", "layout": "CxHxW uint8, encoded=false"},
+        "num_classes": len(wnids),
+        "splits": {},
+        "skipped": [],
+    }
+    with open(os.path.join(tmp_dir, "labels.txt"), "w") as f:
+        f.write("".join("%s %s\n" % (w, words.get(w, "")) for w in wnids))
+    missing_words = [w for w in wnids if w not in words]
+    if missing_words:
+        manifest["wnids_without_words"] = missing_words
+    for split, recs in records.items():
+        mean_sum = np.zeros((3, size, size), np.float64) if split == "train" else None
+        progress = progress_factory(split, len(recs)) if progress_factory else None
+        res = write_split(recs, os.path.join(tmp_dir, split + "_lmdb"), size, workers, mean_sum, skip_bad, progress)
+        manifest["splits"][split] = {
+            "count": res.count, "resized": res.resized, "non_rgb_modes": res.modes,
+            "skipped": len(res.skipped), "seconds": round(res.seconds, 3),
+            "per_class": {wnids[k]: v for k, v in sorted(res.per_class.items())} if split != "test" else {},
+        }
+        manifest["skipped"].extend(dict(s, split=split) for s in res.skipped)
+        if mean_sum is not None and res.count:
+            mean = mean_sum / res.count
+            with open(os.path.join(tmp_dir, "mean.binaryproto"), "wb") as f:
+                f.write(mean_blob_bytes(mean))
+            manifest["mean_bgr"] = [round(float(v), 4) for v in mean.reshape(3, -1).mean(1)]
+    return manifest
+
+
+# ---------------------------------------------------------------- reading back
+def iter_lmdb(path, limit=None):
+    """Yield (key str, Datum) in key order, read-only."""
+    if not os.path.isfile(os.path.join(path, "data.mdb")):
+        raise DataError("%s: not an LMDB (no data.mdb)" % path)
+    env = lmdb.open(path, readonly=True, lock=False, readahead=False)
+    try:
+        with env.begin() as txn:
+            for n, (key, value) in enumerate(txn.cursor()):
+                if limit is not None and n >= limit:
+                    break
+                datum = caffe_pb2().Datum()
+                datum.ParseFromString(value)
+                yield key.decode("ascii", "replace"), datum
+    finally:
+        env.close()
+
+
+def lmdb_count(path):
+    env = lmdb.open(path, readonly=True, lock=False)
+    try:
+        return env.stat()["entries"]
+    finally:
+        env.close()
+
+
+def datum_to_rgb(datum):
+    """A raw BGR CxHxW Datum back to an HxWx3 RGB uint8 array (for eyes and tests)."""
+    if datum.encoded:
+        raise DataError("encoded Datum: this toolkit writes raw ones (encoded=false)")
+    chw = np.frombuffer(datum.data, np.uint8).reshape(datum.channels, datum.height, datum.width)
+    return np.ascontiguousarray(chw[::-1].transpose(1, 2, 0))
+
+
+def read_labels(path):
+    """labels.txt -> list of (wnid, words), index = class."""
+    _require_file(path, "labels.txt as written by make_lmdb.py")
+    with open(path) as f:
+        return [tuple((line.rstrip("\n").split(" ", 1) + [""])[:2]) for line in f if line.strip()]

@@ -1,0 +1,234 @@
+"""The paper's networks as pycaffe NetSpecs: one builder per family, variants by arguments.
+
+Families:
+  alexnet_family  Caffe's AlexNet and the paper's modifications of it (LRN or not,
+                  kernel sizes, ReLU or PReLU, Gaussian or Xavier fillers, BatchNorm or not)
+  vgg_family      stacks of 3x3 convolutions between 2x2 max-pools (VGG-style), also
+                  used, very small, for the `tiny` CPU demo net
+
+Every layer is named explicitly; train_val and deploy share the names so that
+weights transfer. The data layers are added by `train_val()` / `deploy()`.
+"""
+from dataclasses import dataclass, field
+
+from .caffe_env import import_caffe
+
+caffe = import_caffe()
+from caffe import layers as L, params as P  # noqa: E402
+
+CAFFE_TRAIN, CAFFE_TEST = 0, 1  # caffe_pb2.Phase values
+
+# ---------------------------------------------------------------- layer helpers
+# lr/decay multipliers: weights learn at base LR with weight decay, biases at 2x without (AlexNet's).
+WEIGHT_BIAS_PARAMS = [dict(lr_mult=1, decay_mult=1), dict(lr_mult=2, decay_mult=0)]
+WEIGHT_ONLY_PARAMS = [dict(lr_mult=1, decay_mult=1)]
+FROZEN_STATS = [dict(lr_mult=0, decay_mult=0)] * 3  # BatchNorm's mean/var/count are not learned
+
+
+def weight_filler(kind, std):
+    return dict(type="xavier") if kind == "xavier" else dict(type="gaussian", std=std)
+
+
+def conv(n, name, bottom, num_output, kernel, stride=1, pad=0, group=1, filler="gaussian", std=0.01,
+         bias=0.0, bias_term=True):
+    extra = dict(group=group) if group > 1 else {}  # AlexNet's two-GPU split, where used
+    setattr(n, name, L.Convolution(
+        bottom, name=name, num_output=num_output, kernel_size=kernel, stride=stride, pad=pad,
+        weight_filler=weight_filler(filler, std), bias_term=bias_term, **extra,
+        **(dict(bias_filler=dict(type="constant", value=bias), param=WEIGHT_BIAS_PARAMS)
+           if bias_term else dict(param=WEIGHT_ONLY_PARAMS))))
+    return getattr(n, name)
+
+
+def fc(n, name, bottom, num_output, filler="gaussian", std=0.005, bias=0.0):
+    setattr(n, name, L.InnerProduct(bottom, name=name, num_output=num_output, param=WEIGHT_BIAS_PARAMS,
+                                    weight_filler=weight_filler(filler, std),
+                                    bias_filler=dict(type="constant", value=bias)))
+    return getattr(n, name)
+
+
+def batch_norm(n, suffix, bottom):
+    """BatchNorm + Scale (Caffe's BN has no affine part), in place; use_global_stats follows the phase."""
+    setattr(n, "bn" + suffix, L.BatchNorm(bottom, name="bn" + suffix, in_place=True, param=FROZEN_STATS))
+    setattr(n, "scale" + suffix, L.Scale(bottom, name="scale" + suffix, in_place=True, bias_term=True))
+    return bottom
+
+
+def activation(n, suffix, bottom, kind):
+    """ReLU or PReLU (learned per-channel slope, initialised at 0.25 as in He et al.), in place."""
+    if kind == "prelu":
+        setattr(n, "prelu" + suffix, L.PReLU(bottom, name="prelu" + suffix, in_place=True))
+    else:
+        setattr(n, "relu" + suffix, L.ReLU(bottom, name="relu" + suffix, in_place=True))
+    return bottom
+
+
+def lrn(n, name, bottom):
+    setattr(n, name, L.LRN(bottom, name=name, local_size=5, alpha=1e-4, beta=0.75))
+    return getattr(n, name)
+
+
+def max_pool(n, name, bottom, kernel, stride):
+    setattr(n, name, L.Pooling(bottom, name=name, pool=P.Pooling.MAX, kernel_size=kernel, stride=stride))
+    return getattr(n, name)
+
+
+def dropout(n, name, bottom, ratio):
+    setattr(n, name, L.Dropout(bottom, name=name, in_place=True, dropout_ratio=ratio))
+    return bottom
+
+
+# ---------------------------------------------------------------- families
+@dataclass(frozen=True)
+class ConvSpec:
+    """One row of an AlexNet-style layer table."""
+    num_output: int
+    kernel: int
+    stride: int = 1
+    pad: int = 0
+    group: int = 1
+    bias: float = 0.0  # AlexNet's constant bias init (0 or 0.1)
+    lrn: bool = False  # LRN after the activation
+    pool: tuple = None  # (kernel, stride) max-pool after it, or None
+
+
+def alexnet_family(n, data, convs, fcs, num_classes, act="relu", filler="gaussian", bn=False, dropout_ratio=0.5):
+    """conv[i] -> (BN+Scale) -> act -> (LRN) -> (max-pool), then fc6/fc7 (+act, dropout), fc8."""
+    top = data
+    for i, c in enumerate(convs, 1):
+        s = str(i)
+        top = conv(n, "conv" + s, top, c.num_output, c.kernel, c.stride, c.pad, c.group, filler,
+                   std=0.01, bias=c.bias, bias_term=not bn)
+        if bn:
+            top = batch_norm(n, s, top)
+        top = activation(n, s, top, act)
+        if c.lrn:
+            top = lrn(n, "norm" + s, top)
+        if c.pool:
+            top = max_pool(n, "pool" + s, top, *c.pool)
+    k = len(convs) + 1
+    for width in fcs:
+        s = str(k)
+        top = fc(n, "fc" + s, top, width, filler, std=0.005, bias=0.1 if filler == "gaussian" else 0.0)
+        top = activation(n, s, top, act)
+        top = dropout(n, "drop" + s, top, dropout_ratio)
+        k += 1
+    return fc(n, "fc%d" % k, top, num_classes, filler, std=0.01, bias=0.0)
+
+
+def vgg_family(n, data, stages, fcs, num_classes, act="prelu", bn=True, dropout_ratio=0.5):
+    """stages of 3x3/1 pad-1 convs, each stage closed by a 2x2/2 max-pool; then fcs and the classifier."""
+    top = data
+    for si, widths in enumerate(stages, 1):
+        for ci, width in enumerate(widths, 1):
+            s = "%d_%d" % (si, ci)
+            top = conv(n, "conv" + s, top, width, 3, 1, 1, filler="xavier", bias_term=not bn)
+            if bn:
+                top = batch_norm(n, s, top)
+            top = activation(n, s, top, act)
+        top = max_pool(n, "pool%d" % si, top, 2, 2)
+    for fi, width in enumerate(fcs, 1):
+        s = "fc%d" % fi
+        top = fc(n, s, top, width, "xavier")
+        top = activation(n, "_" + s, top, act)
+        if dropout_ratio:
+            top = dropout(n, "drop_" + s, top, dropout_ratio)
+    return fc(n, "fc_out", top, num_classes, "xavier")
+
+
+# ---------------------------------------------------------------- the variants (SPEC section 5)
+# Caffe's bvlc_alexnet, unchanged but for the 60x60 input and the class count.
+ALEXNET_CONVS = (
+    ConvSpec(96, 11, 4, 0, lrn=True, pool=(3, 2)),
+    ConvSpec(256, 5, 1, 2, group=2, bias=0.1, lrn=True, pool=(3, 2)),
+    ConvSpec(384, 3, 1, 1),
+    ConvSpec(384, 3, 1, 1, group=2, bias=0.1),
+    ConvSpec(256, 3, 1, 1, group=2, bias=0.1, pool=(3, 2)),
+)
+# The paper's 35% net: no LRN, 2x2 max-pools, 3x3 filters after a 5x5 stride-2 conv1
+# (an 11x11/4 conv1 throws away most of a 60x60 image's resolution).
+SMALL_CONVS = (
+    ConvSpec(96, 5, 2, 2, pool=(2, 2)),
+    ConvSpec(256, 3, 1, 1, bias=0.1, pool=(2, 2)),
+    ConvSpec(384, 3, 1, 1),
+    ConvSpec(384, 3, 1, 1, bias=0.1),
+    ConvSpec(256, 3, 1, 1, bias=0.1, pool=(2, 2)),
+)
+VGG_STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512))
+TINY_STAGES = ((16,), (32,), (64,))
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    summary: str
+    paper_top1: str  # the paper's val top-1, or "—"
+    builder: object
+    kwargs: dict = field(default_factory=dict)
+    batch_size: int = 128  # default train batch
+
+
+VARIANTS = {v.name: v for v in (
+    Variant("alexnet", "Caffe's AlexNet, crop 60, LRN kept", "25%", alexnet_family,
+            dict(convs=ALEXNET_CONVS, fcs=(4096, 4096))),
+    Variant("alexnet_small", "no LRN, 2x2 max-pools, mostly 3x3 filters", "35%", alexnet_family,
+            dict(convs=SMALL_CONVS, fcs=(4096, 4096))),
+    Variant("alexnet_prelu", "alexnet_small, every ReLU a PReLU, Xavier init", "45%", alexnet_family,
+            dict(convs=SMALL_CONVS, fcs=(4096, 4096), act="prelu", filler="xavier")),
+    Variant("alexnet_prelu_bn", "alexnet_prelu + BatchNorm/Scale after every conv", "—", alexnet_family,
+            dict(convs=SMALL_CONVS, fcs=(4096, 4096), act="prelu", filler="xavier", bn=True)),
+    Variant("vgg_prelu_bn", "13 3x3 convs in 4 stages, PReLU + BatchNorm", "—", vgg_family,
+            dict(stages=VGG_STAGES, fcs=(2048, 2048), act="prelu", bn=True), batch_size=64),
+    Variant("tiny", "3 conv stages of 16/32/64, one fc of 128: a fast CPU demo net", "—", vgg_family,
+            dict(stages=TINY_STAGES, fcs=(128,), act="relu", bn=False, dropout_ratio=0.0), batch_size=32),
+)}
+
+
+def variant(name):
+    if name not in VARIANTS:
+        raise KeyError("unknown variant '%s' (valid: %s)" % (name, ", ".join(VARIANTS)))
+    return VARIANTS[name]
+
+
+# ---------------------------------------------------------------- whole nets
+def _body(n, name, data, num_classes):
+    v = variant(name)
+    return v.builder(n, data, num_classes=num_classes, **v.kwargs)
+
+
+def train_val(name, train_source, val_source, mean_file, num_classes, batch_size, test_batch_size, crop):
+    """TRAIN: random crop + mirror of the train LMDB; TEST: center crop of val; loss + top-1/top-5."""
+    n = caffe.NetSpec()
+    n.data, n.label = L.Data(name="data", source=train_source, backend=P.Data.LMDB, batch_size=batch_size,
+                             ntop=2, include=dict(phase=CAFFE_TRAIN),
+                             transform_param=dict(crop_size=crop, mirror=True, mean_file=mean_file))
+    logits = _body(n, name, n.data, num_classes)
+    n.loss = L.SoftmaxWithLoss(logits, n.label, name="loss")
+    n.accuracy_top1 = L.Accuracy(logits, n.label, name="accuracy_top1", include=dict(phase=CAFFE_TEST))
+    n.accuracy_top5 = L.Accuracy(logits, n.label, name="accuracy_top5", include=dict(phase=CAFFE_TEST),
+                                 accuracy_param=dict(top_k=5))
+    proto = n.to_proto()
+    proto.name = name
+    # NetSpec cannot hold two layers with the same tops; Caffe's own train_val files
+    # have a TRAIN and a TEST "data" layer, so add the TEST one to the message.
+    test_data = proto.layer.add()
+    test_data.CopyFrom(proto.layer[0])
+    test_data.include[0].phase = CAFFE_TEST
+    test_data.data_param.source = val_source
+    test_data.data_param.batch_size = test_batch_size
+    test_data.transform_param.mirror = False
+    layers = list(proto.layer)
+    del proto.layer[:]
+    proto.layer.extend([layers[0], layers[-1]] + layers[1:-1])
+    return proto
+
+
+def deploy(name, num_classes, crop):
+    """Input 1x3xcropxcrop, the same layers, Softmax `prob`."""
+    n = caffe.NetSpec()
+    n.data = L.Input(name="data", shape=dict(dim=[1, 3, crop, crop]))
+    logits = _body(n, name, n.data, num_classes)
+    n.prob = L.Softmax(logits, name="prob")
+    proto = n.to_proto()
+    proto.name = name
+    return proto

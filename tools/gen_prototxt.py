@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""Generate prototxt/<variant>/{train_val,deploy,solver}.prototxt for the paper's variants,
+or check hand-edited prototxt files with real Caffe (--check FILE ...)."""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tinycaffe import gen, nets, solver  # noqa: E402
+from tinycaffe.caffe_env import CaffeNotFound  # noqa: E402
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--check", nargs="+", metavar="FILE",
+                   help="check these prototxt files (net or solver) instead of generating")
+    p.add_argument("--variants", default="all",
+                   help="all, or comma-separated names from: %s (default all)" % ", ".join(nets.VARIANTS))
+    p.add_argument("--out", default=gen.DEFAULT_OUT, help="output folder (default %s)" % gen.DEFAULT_OUT)
+    p.add_argument("--lmdb-dir", default=gen.DEFAULT_LMDB_DIR,
+                   help="where make_lmdb.py wrote, as written into the nets (default %s)" % gen.DEFAULT_LMDB_DIR)
+    p.add_argument("--crop", type=int, default=gen.DEFAULT_CROP, help="crop side (default %d)" % gen.DEFAULT_CROP)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="train batch (default per variant: %s)"
+                   % ", ".join("%s %d" % (n, v.batch_size) for n, v in nets.VARIANTS.items()))
+    p.add_argument("--schedule", default="fast", choices=sorted(solver.SCHEDULES),
+                   help="fast: LR/10 every 5,000 iterations, alexnet: every 100,000 (default fast)")
+    p.add_argument("--solver", default="sgd", choices=sorted(solver.SOLVER_TYPES),
+                   help="solver type (default sgd)")
+    p.add_argument("--mode", default="gpu", choices=sorted(solver.MODES), help="solver_mode (default gpu)")
+    p.add_argument("--max-iter", type=int, default=None,
+                   help="iterations (default: the schedule's, %s)"
+                   % ", ".join("%s %d" % (k, v["max_iter"]) for k, v in solver.SCHEDULES.items()))
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classes (default %d, or the line count of --labels)" % gen.DEFAULT_NUM_CLASSES)
+    p.add_argument("--labels", default=None, help="labels.txt to take the class count from (default: none)")
+    p.add_argument("--val-size", type=int, default=gen.DEFAULT_VAL_SIZE,
+                   help="val images, so that test_iter covers val exactly once (default %d)" % gen.DEFAULT_VAL_SIZE)
+    p.add_argument("--seed", type=int, default=solver.RANDOM_SEED,
+                   help="solver random_seed (default %d)" % solver.RANDOM_SEED)
+    return p
+
+
+def _fail(message):
+    print("gen_prototxt.py: error: %s" % message, file=sys.stderr)
+    return 1
+
+
+def _num_classes(args):
+    if args.num_classes is not None:
+        return args.num_classes
+    if args.labels:
+        with open(args.labels) as f:
+            return sum(1 for line in f if line.strip())
+    return gen.DEFAULT_NUM_CLASSES
+
+
+def run_check(files):
+    from tinycaffe import check
+    problems = check.check_files(files)
+    for problem in problems:
+        print("problem: " + problem, file=sys.stderr)
+    print("%d file(s) checked, %d problem(s)" % (len(files), len(problems)))
+    return 1 if problems else 0
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.check:
+            return run_check(args.check)
+        names = list(nets.VARIANTS) if args.variants == "all" else [v for v in args.variants.split(",") if v]
+        unknown = [n for n in names if n not in nets.VARIANTS]
+        if unknown or not names:
+            return _fail("--variants: unknown %s (valid: all, %s)" % (",".join(unknown) or "(none)",
+                                                                      ", ".join(nets.VARIANTS)))
+        cfg = gen.GenConfig(out=args.out, lmdb_dir=args.lmdb_dir, crop=args.crop, batch_size=args.batch_size,
+                            schedule=args.schedule, solver=args.solver, mode=args.mode, max_iter=args.max_iter,
+                            num_classes=_num_classes(args), val_size=args.val_size, seed=args.seed)
+        written = gen.generate(names, cfg)
+    except (ValueError, KeyError, OSError, CaffeNotFound) as exc:
+        return _fail(str(exc).strip("'\""))
+    for path in written:
+        print("wrote " + path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
