@@ -4,8 +4,11 @@ Order of precedence: the CAFFE_BIN environment variable, then the location file
 that install_caffe.sh writes ($TINYCAFFE_HOME/caffe.env), then `caffe` on PATH.
 pycaffe itself is importable from the project's venv through a .pth file.
 """
+import importlib
+import importlib.util
 import os
 import shutil
+import sys
 
 
 class CaffeNotFound(RuntimeError):
@@ -53,13 +56,32 @@ def import_caffe():
     return caffe
 
 
-_PB2 = []
+PB2_MODULE = "caffe.proto.caffe_pb2"
 
 
 def caffe_pb2():
-    """Caffe's own protobuf messages (caffe.proto.caffe_pb2), imported once."""
-    if not _PB2:
+    """Caffe's own protobuf messages (caffe/proto/caffe_pb2.py of the built pycaffe).
+
+    Loaded from its file, without running caffe/__init__.py: that one imports
+    _caffe.so, scikit-image and scipy (0.5 s) which tools that only read and write
+    messages do not need. It is registered under its real name, so a later
+    `import caffe` reuses this very module (one descriptor pool, one set of classes).
+    """
+    if PB2_MODULE in sys.modules:
+        return sys.modules[PB2_MODULE]
+    if "caffe" in sys.modules:
         import_caffe()
-        from caffe.proto import caffe_pb2 as pb2
-        _PB2.append(pb2)
-    return _PB2[0]
+        return importlib.import_module(PB2_MODULE)
+    spec = importlib.util.find_spec("caffe")
+    if spec is None or not spec.submodule_search_locations:
+        raise CaffeNotFound("cannot find pycaffe; run scripts/setup.sh and use .venv/bin/python")
+    path = os.path.join(spec.submodule_search_locations[0], "proto", "caffe_pb2.py")
+    pb2_spec = importlib.util.spec_from_file_location(PB2_MODULE, path)
+    module = importlib.util.module_from_spec(pb2_spec)
+    sys.modules[PB2_MODULE] = module
+    try:
+        pb2_spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[PB2_MODULE]
+        raise
+    return module

@@ -60,6 +60,7 @@ class SplitResult:
     modes: dict = field(default_factory=dict)  # source image mode -> count (L, CMYK, P, ...)
     skipped: list = field(default_factory=list)  # {"file", "reason"}
     per_class: dict = field(default_factory=dict)  # wnid -> count
+    token_sum: int = 0  # sum of file_token() of every source file, mod 2^64
     seconds: float = 0.0
 
 
@@ -114,13 +115,12 @@ def _check_name(name, path, lineno, prefix):
 
 def _numbered(names, prefix, where):
     """Sort file names like prefix_N.JPEG by N (test_2 before test_10)."""
-    pattern = re.compile(r"^%s(\d+)\.JPEG$" % re.escape(prefix))
-    keyed = []
+    start, keyed = len(prefix), []
     for name in names:
-        m = pattern.match(name)
-        if not m:
+        number = name[start:-5]
+        if not (name.startswith(prefix) and name.endswith(".JPEG") and number.isdigit() and number.isascii()):
             raise DataError("%s: unexpected file '%s' (expected %sN.JPEG)" % (where, name, prefix))
-        keyed.append((int(m.group(1)), name))
+        keyed.append((int(number), name))
     return [name for _, name in sorted(keyed)]
 
 
@@ -130,7 +130,7 @@ def list_train(data_dir, wnids, seed):
         img_dir = os.path.join(data_dir, "train", wnid, "images")
         _require_dir(img_dir, "the train images of %s" % wnid)
         for name in _numbered(os.listdir(img_dir), wnid + "_", img_dir):
-            records.append(Record(os.path.join(img_dir, name), name, label))
+            records.append(Record(img_dir + os.sep + name, name, label))
     random.Random(seed).shuffle(records)
     return records
 
@@ -176,14 +176,18 @@ def decode_bgr_chw(path, size):
         with Image.open(path) as im:
             im.load()  # Pillow decodes lazily: truncation shows up here
             mode = im.mode
-            rgb = im.convert("RGB")  # L replicates the gray plane; CMYK/P/RGBA convert
+            img = im if mode in ("RGB", "L") else im.convert("RGB")  # CMYK, P, RGBA, ... -> RGB
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise BadImage("%s: cannot decode (%s)" % (path, exc))
-    resized = rgb.size != (size, size)
+    resized = img.size != (size, size)
     if resized:
-        rgb = rgb.resize((size, size), getattr(Image.Resampling, RESIZE_FILTER))
-    hwc = np.asarray(rgb, dtype=np.uint8)
-    return np.ascontiguousarray(hwc[:, :, ::-1].transpose(2, 0, 1)).tobytes(), mode, resized
+        img = img.resize((size, size), getattr(Image.Resampling, RESIZE_FILTER))
+    if img.mode == "L":  # grayscale: the one plane replicated into B, G and R
+        plane = img.tobytes()
+        return plane * 3, mode, resized
+    # Pillow's planes, B first: exactly Caffe's BGR CxHxW, with no numpy transpose.
+    r, g, b = img.split()
+    return b.tobytes() + g.tobytes() + r.tobytes(), mode, resized
 
 
 def datum_bytes(chw, size, label):
@@ -191,31 +195,24 @@ def datum_bytes(chw, size, label):
     return d.SerializeToString()
 
 
-def _decode_chunk(args):
-    """Worker task: (index, path, label) items -> ([(index, datum bytes, mode, resized, error)], pixel sum).
-
-    The pixel sum (uint32 CxHxW over the good images) is summed here, so only
-    the serialised Datum crosses the process boundary, not a second copy of the pixels.
-    """
-    chunk, size = args
-    out, pixel_sum = [], np.zeros((3, size, size), np.uint32)
-    for i, path, label in chunk:
-        try:
-            chw, mode, resized = decode_bgr_chw(path, size)
-        except BadImage as exc:
-            out.append((i, None, None, None, str(exc)))
-            continue
-        pixel_sum += np.frombuffer(chw, np.uint8).reshape(3, size, size)
-        out.append((i, datum_bytes(chw, size, label), mode, resized, None))
-    return out, pixel_sum
-
-
 # ---------------------------------------------------------------- writing
-class LmdbWriter:
-    """Buffered puts; the map grows by doubling when LMDB says it is full."""
+def map_size_for(count, size):
+    """LMDB map bytes for count Datums of size x size: each value takes whole overflow pages
+    (a 12 KiB Datum -> 4 pages of 4 KiB), plus a page of tree per record and slack. The
+    writers still grow the map if LMDB ever says it is full."""
+    value_pages = (3 * size * size + 64) // 4096 + 1
+    return max(INITIAL_MAP_SIZE, (count * (value_pages + 1)) * 4096 + INITIAL_MAP_SIZE)
 
-    def __init__(self, path):
-        self.env = lmdb.open(path, map_size=INITIAL_MAP_SIZE, subdir=True, meminit=False, map_async=True)
+
+class LmdbWriter:
+    """Buffered puts in one process. Several processes may each hold one on the same
+    LMDB: LMDB serialises their write transactions. The map grows when full, and a
+    process whose map was grown by another adopts the new size."""
+
+    def __init__(self, path, map_size=INITIAL_MAP_SIZE):
+        # sync=False: no fsync per commit; close() syncs once. A crash mid-run loses the
+        # temp dir anyway, so per-commit durability buys nothing.
+        self.env = lmdb.open(path, map_size=map_size, subdir=True, meminit=False, sync=False, metasync=False)
         self.pending = []
 
     def put(self, key, value):
@@ -232,6 +229,8 @@ class LmdbWriter:
                 self.pending = []
             except lmdb.MapFullError:
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
+            except lmdb.MapResizedError:
+                self.env.set_mapsize(0)  # another process grew it: adopt its size
 
     def close(self):
         self.flush()
@@ -239,43 +238,99 @@ class LmdbWriter:
         self.env.close()
 
 
-def write_split(records, lmdb_path, size, workers, mean_sum=None, skip_bad=False, progress=None):
-    """Decode records in order and write them; returns a SplitResult.
+_WRITERS = {}  # lmdb path -> LmdbWriter of this process (a worker keeps one per split)
 
-    mean_sum, if given, is a float64 CxHxW array the pixels are added to.
+
+def _writer(path, map_size):
+    if path not in _WRITERS:
+        _WRITERS[path] = LmdbWriter(path, map_size)
+    return _WRITERS[path]
+
+
+def _close_writers():
+    while _WRITERS:
+        _WRITERS.popitem()[1].close()
+
+
+_JOB = {}  # the split being written; set before the pool forks, so workers inherit it
+
+
+def _convert_range(bounds):
+    """Worker task: decode records[start:stop] of the current job and write them to its LMDB.
+
+    Returns a small summary (counts, errors, pixel sum uint32 CxHxW); the pixels
+    never cross a process boundary, and the parent does no per-image work.
+    """
+    start, stop = bounds
+    records, size = _JOB["records"], _JOB["size"]
+    writer = _writer(_JOB["lmdb_path"], _JOB["map_size"])
+    pixel_sum = np.zeros(3 * size * size, np.uint32)
+    modes, per_class, errors, resized_count, tokens = {}, {}, [], 0, 0
+    for i in range(start, stop):
+        r = records[i]
+        try:
+            tokens += file_token(_JOB["split"], r.name, os.stat(r.path).st_size)
+        except OSError:
+            tokens += file_token(_JOB["split"], r.name, -1)
+        try:
+            chw, mode, resized = decode_bgr_chw(r.path, size)
+        except BadImage as exc:
+            errors.append((i, str(exc)))
+            continue
+        pixel_sum += np.frombuffer(chw, np.uint8)
+        writer.put((KEY_FORMAT % (i, r.name)).encode("ascii"), datum_bytes(chw, size, r.label))
+        if mode != "RGB":
+            modes[mode] = modes.get(mode, 0) + 1
+        resized_count += resized
+        per_class[r.label] = per_class.get(r.label, 0) + 1
+    writer.flush()  # the range is committed before it is reported done
+    return {"n": stop - start, "errors": errors, "modes": modes, "per_class": per_class, "tokens": tokens,
+            "resized": resized_count, "pixel_sum": pixel_sum.reshape(3, size, size)}
+
+
+def _merge(total, part):
+    for key, value in part.items():
+        total[key] = total.get(key, 0) + value
+
+
+def write_split(records, lmdb_path, size, workers, mean_sum=None, skip_bad=False, progress=None, split=""):
+    """Decode records and write them in `workers` processes; returns a SplitResult.
+
+    Keys are fixed by the record order (a skipped image leaves a gap, never a
+    reordering). mean_sum, if given, is a float64 CxHxW array the pixels are added to.
     """
     result = SplitResult()
-    writer = LmdbWriter(lmdb_path)
-    tasks = [([(i, r.path, r.label) for i, r in enumerate(records[s:s + CHUNK], s)], size)
-             for s in range(0, len(records), CHUNK)]
+    map_size = map_size_for(len(records), size)
+    LmdbWriter(lmdb_path, map_size).close()  # create it, so an empty split is a valid LMDB too
+    _JOB.update(records=records, lmdb_path=lmdb_path, map_size=map_size, size=size, split=split)
+    ranges = [(s, min(s + CHUNK, len(records))) for s in range(0, len(records), CHUNK)]
     t0 = time.time()
-    pool = multiprocessing.Pool(workers) if workers > 1 else None
+    # fork: the workers inherit _JOB (the record list) instead of receiving it pickled.
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     try:
-        results = pool.imap(_decode_chunk, tasks) if pool else map(_decode_chunk, tasks)
-        position = 0  # keys count written records, so a skipped image leaves no gap
-        for chunk, pixel_sum in results:
+        results = pool.imap(_convert_range, ranges) if pool else map(_convert_range, ranges)
+        for part in results:
+            for i, error in part["errors"]:
+                if not skip_bad:
+                    raise BadImage(error)
+                result.skipped.append({"file": records[i].path, "reason": error.split(": ", 1)[-1]})
+            result.count += part["n"] - len(part["errors"])
+            _merge(result.modes, part["modes"])
+            _merge(result.per_class, part["per_class"])
+            result.resized += part["resized"]
+            result.token_sum = (result.token_sum + part["tokens"]) % (1 << 64)
             if mean_sum is not None:
-                mean_sum += pixel_sum
-            for i, value, mode, resized, error in chunk:
-                record = records[i]
-                if error:
-                    if not skip_bad:
-                        raise BadImage(error)
-                    result.skipped.append({"file": record.path, "reason": error.split(": ", 1)[-1]})
-                    continue
-                writer.put((KEY_FORMAT % (position, record.name)).encode("ascii"), value)
-                position += 1
-                if mode != "RGB":
-                    result.modes[mode] = result.modes.get(mode, 0) + 1
-                result.resized += int(resized)
-                result.per_class[record.label] = result.per_class.get(record.label, 0) + 1
+                mean_sum += part["pixel_sum"]
             if progress:
-                progress(len(chunk))
-        result.count = position
+                progress(part["n"])
     finally:
         if pool:
             pool.terminate()
-        writer.close()
+            pool.join()
+        _close_writers()
+        _JOB.clear()
+    # Workers committed with sync=False; one fsync here makes everything they wrote durable.
+    LmdbWriter(lmdb_path, map_size).close()
     result.seconds = time.time() - t0
     return result
 
@@ -300,12 +355,18 @@ def read_mean(path):
     return np.asarray(blob.data, np.float32).reshape(dims[-3:])
 
 
-def source_fingerprint(records_by_split):
-    """sha256 over (split, file name, size) of every image: same files -> same fingerprint."""
+def file_token(split, name, size):
+    """64-bit hash of one source file's identity: split, file name and byte size."""
+    return int.from_bytes(hashlib.blake2b(("%s/%s %d" % (split, name, size)).encode(), digest_size=8).digest(), "little")
+
+
+def source_fingerprint(token_sums):
+    """sha256 over each split's (count, sum of file tokens mod 2^64): the same files give
+    the same fingerprint whatever the order they were read in (and whatever the seed)."""
     h = hashlib.sha256()
-    for split in sorted(records_by_split):
-        for r in sorted(records_by_split[split], key=lambda r: r.name):
-            h.update(("%s/%s %d\n" % (split, r.name, os.path.getsize(r.path))).encode())
+    for split in sorted(token_sums):
+        count, total = token_sums[split]
+        h.update(("%s %d %016x\n" % (split, count, total)).encode())
     return h.hexdigest()
 
 
@@ -391,7 +452,7 @@ def _convert(records, wnids, words, tmp_dir, workers, seed, skip_bad, size, spli
     manifest = {
         "tinycaffe_version": __version__,
         "source": os.path.abspath(data_dir),
-        "source_fingerprint": source_fingerprint(records),
+        "source_fingerprint": None,  # filled in once every file has been read
         "seed": seed,
         "settings": {"size": size, "workers": workers, "splits": list(splits), "skip_bad": skip_bad,
                      "resize_filter": RESIZE_FILTER, "key_format": KEY_FORMAT, "test_label": TEST_LABEL,
@@ -405,10 +466,13 @@ def _convert(records, wnids, words, tmp_dir, workers, seed, skip_bad, size, spli
     missing_words = [w for w in wnids if w not in words]
     if missing_words:
         manifest["wnids_without_words"] = missing_words
+    token_sums = {}
     for split, recs in records.items():
         mean_sum = np.zeros((3, size, size), np.float64) if split == "train" else None
         progress = progress_factory(split, len(recs)) if progress_factory else None
-        res = write_split(recs, os.path.join(tmp_dir, split + "_lmdb"), size, workers, mean_sum, skip_bad, progress)
+        res = write_split(recs, os.path.join(tmp_dir, split + "_lmdb"), size, workers, mean_sum, skip_bad, progress,
+                          split)
+        token_sums[split] = (len(recs), res.token_sum)
         manifest["splits"][split] = {
             "count": res.count, "resized": res.resized, "non_rgb_modes": res.modes,
             "skipped": len(res.skipped), "seconds": round(res.seconds, 3),
@@ -420,6 +484,7 @@ def _convert(records, wnids, words, tmp_dir, workers, seed, skip_bad, size, spli
             with open(os.path.join(tmp_dir, "mean.binaryproto"), "wb") as f:
                 f.write(mean_blob_bytes(mean))
             manifest["mean_bgr"] = [round(float(v), 4) for v in mean.reshape(3, -1).mean(1)]
+    manifest["source_fingerprint"] = source_fingerprint(token_sums)
     return manifest
 
 

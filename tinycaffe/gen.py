@@ -50,6 +50,8 @@ def validate(cfg):
                               ("--val-size", cfg.val_size, 1)):
         if value < low:
             raise ValueError("%s must be >= %d, got %d" % (field, low, value))
+    if cfg.num_classes < 5:
+        raise ValueError("--num-classes must be >= 5 (the TEST net reports top-5 accuracy), got %d" % cfg.num_classes)
     if cfg.crop > 64:
         raise ValueError("--crop must be <= 64 (the LMDB images are 64x64), got %d" % cfg.crop)
     if cfg.batch_size is not None and cfg.batch_size < 1:

@@ -177,7 +177,7 @@ VARIANTS = {v.name: v for v in (
             dict(convs=SMALL_CONVS, fcs=(4096, 4096), act="prelu", filler="xavier")),
     Variant("alexnet_prelu_bn", "alexnet_prelu + BatchNorm/Scale after every conv", "—", alexnet_family,
             dict(convs=SMALL_CONVS, fcs=(4096, 4096), act="prelu", filler="xavier", bn=True)),
-    Variant("vgg_prelu_bn", "13 3x3 convs in 4 stages, PReLU + BatchNorm", "—", vgg_family,
+    Variant("vgg_prelu_bn", "10 3x3 convs in 4 stages (64-512 wide), PReLU + BatchNorm", "—", vgg_family,
             dict(stages=VGG_STAGES, fcs=(2048, 2048), act="prelu", bn=True), batch_size=64),
     Variant("tiny", "3 conv stages of 16/32/64, one fc of 128: a fast CPU demo net", "—", vgg_family,
             dict(stages=TINY_STAGES, fcs=(128,), act="relu", bn=False, dropout_ratio=0.0), batch_size=32),

@@ -1,0 +1,103 @@
+"""gen_prototxt.py --check: typos, wrong bottoms, shape errors, pairs, solvers; and the tables."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tinycaffe import check
+
+TOOL = "tools/gen_prototxt.py"
+
+
+def run_check(repo, *files):
+    return subprocess.run([sys.executable, os.path.join(repo, TOOL), "--check", *map(str, files)],
+                          cwd=repo, capture_output=True, text=True)
+
+
+@pytest.fixture
+def tiny(repo, tmp_path):
+    """Copies of the committed tiny net files, to break."""
+    folder = tmp_path / "tiny"
+    shutil.copytree(os.path.join(repo, "prototxt", "tiny"), folder)
+    return folder
+
+
+def replace_once(path, old, new):
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+
+
+def test_committed_variants_pass(repo):
+    files = [os.path.join("prototxt", v, f + ".prototxt") for v in ("alexnet", "tiny")
+             for f in ("train_val", "deploy", "solver")]
+    out = run_check(repo, *files)
+    assert out.returncode == 0, out.stderr
+    assert "6 file(s) checked, 0 problem(s)" in out.stdout
+    assert "same layer names and parameter shapes" in out.stdout
+    assert "conv1" in out.stdout and "MFLOPs/img" in out.stdout
+
+
+def test_misspelled_field_reports_file_line_column(repo, tiny):
+    path = tiny / "train_val.prototxt"
+    replace_once(path, "kernel_size: 3", "kernel_sise: 3")
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "kernel_sise" in text)
+    out = run_check(repo, path)
+    assert out.returncode == 1
+    assert "%s:%d:5: " % (path, line) in out.stderr and 'no field named "kernel_sise"' in out.stderr
+
+
+def test_wrong_bottom_is_named(repo, tiny):
+    path = tiny / "train_val.prototxt"
+    replace_once(path, 'bottom: "pool1"', 'bottom: "pool9"')
+    out = run_check(repo, path)
+    assert out.returncode == 1
+    assert "Unknown bottom blob 'pool9' (layer 'conv2_1'" in out.stderr
+    assert "Check failure stack trace" not in out.stderr
+
+
+def test_shape_mismatch_names_the_layer(repo, tiny):
+    path = tiny / "deploy.prototxt"
+    replace_once(path, 'layer {\n  name: "prob"',
+                 'layer {\n  name: "bad_sum"\n  type: "Eltwise"\n  bottom: "conv1_1"\n  bottom: "pool1"\n'
+                 '  top: "bad_sum"\n}\nlayer {\n  name: "prob"')
+    out = run_check(repo, path)
+    assert out.returncode == 1
+    assert "layer 'bad_sum': Check failed: bottom[0]->shape() == bottom[i]->shape()" in out.stderr
+
+
+def test_pair_with_different_parameter_shapes(repo, tiny):
+    replace_once(tiny / "deploy.prototxt", "num_output: 128", "num_output: 64")
+    out = run_check(repo, tiny / "train_val.prototxt", tiny / "deploy.prototxt")
+    assert out.returncode == 1
+    assert "layer 'fc1' parameter shapes [[64, 4096], [64]] differ" in out.stderr
+
+
+def test_pair_with_renamed_layer(repo, tiny):
+    text = (tiny / "deploy.prototxt").read_text().replace('name: "fc_out"', 'name: "classifier"')
+    (tiny / "deploy.prototxt").write_text(text)
+    out = run_check(repo, tiny / "train_val.prototxt", tiny / "deploy.prototxt")
+    assert out.returncode == 1
+    assert "layer 'fc_out' has parameters in train_val but is missing" in out.stderr
+    assert "layer 'classifier' has parameters but no layer of that name" in out.stderr
+
+
+def test_solver_problems(repo, tiny):
+    path = tiny / "solver.prototxt"
+    replace_once(path, 'type: "SGD"', 'type: "AdaGrad"')
+    replace_once(path, 'net: "prototxt/tiny/train_val.prototxt"', 'net: "prototxt/tiny/nope.prototxt"')
+    out = run_check(repo, path)
+    assert out.returncode == 1
+    assert "AdaGrad takes no momentum" in out.stderr and "nope.prototxt does not exist" in out.stderr
+
+
+def test_table_counts_parameters_and_flops(caffe, repo):
+    info = check.inspect_net(os.path.join(repo, "prototxt", "tiny", "deploy.prototxt"), "TEST")
+    rows = {r["name"]: r for r in info["layers"]}
+    assert rows["conv1_1"]["tops"] == [[1, 16, 60, 60]]
+    assert rows["conv1_1"]["params"] == [[16, 3, 3, 3], [16]]
+    assert rows["conv1_1"]["flops"] == 2 * 16 * 60 * 60 * 3 * 3 * 3
+    assert rows["fc1"]["flops"] == 2 * 128 * 64 * 8 * 8
+    assert rows["prob"]["tops"] == [[1, 200]]

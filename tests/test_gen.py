@@ -1,0 +1,69 @@
+"""tools/gen_prototxt.py: the committed prototxt/ is exactly what the defaults write; flags; errors."""
+import filecmp
+import os
+import subprocess
+import sys
+
+from google.protobuf import text_format
+
+from tinycaffe import nets
+from tinycaffe.caffe_env import caffe_pb2
+
+TOOL = "tools/gen_prototxt.py"
+
+
+def run_tool(repo, *args, cwd=None):
+    return subprocess.run([sys.executable, os.path.join(repo, TOOL), *args], cwd=cwd or repo,
+                          capture_output=True, text=True)
+
+
+def test_committed_prototxt_is_what_defaults_write(repo, tmp_path):
+    out = run_tool(repo, cwd=tmp_path)  # --out prototxt, relative, as in the repo
+    assert out.returncode == 0, out.stderr
+    committed = os.path.join(repo, "prototxt")
+    assert sorted(os.listdir(committed)) == sorted(nets.VARIANTS) == sorted(os.listdir(tmp_path / "prototxt"))
+    for variant in nets.VARIANTS:
+        cmp = filecmp.dircmp(os.path.join(committed, variant), tmp_path / "prototxt" / variant)
+        assert cmp.left_only == cmp.right_only == [], variant
+        _, mismatch, errors = filecmp.cmpfiles(os.path.join(committed, variant), tmp_path / "prototxt" / variant,
+                                               ["train_val.prototxt", "deploy.prototxt", "solver.prototxt"],
+                                               shallow=False)
+        assert mismatch == errors == [], "prototxt/%s differs from gen_prototxt.py defaults: regenerate" % variant
+
+
+def test_flags_reach_the_files(repo, tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join("n%08d thing %d\n" % (i, i) for i in range(7)))
+    out = run_tool(repo, "--variants", "tiny,alexnet", "--out", str(tmp_path / "p"), "--lmdb-dir", "somewhere/lmdb",
+                   "--crop", "56", "--batch-size", "9", "--schedule", "alexnet", "--solver", "nesterov",
+                   "--mode", "cpu", "--max-iter", "123", "--labels", str(labels), "--val-size", "300")
+    assert out.returncode == 0, out.stderr
+    assert sorted(os.listdir(tmp_path / "p")) == ["alexnet", "tiny"]
+    net = caffe_pb2().NetParameter()
+    text_format.Merge((tmp_path / "p" / "tiny" / "train_val.prototxt").read_text(), net)
+    train, test = net.layer[0], net.layer[1]
+    assert train.data_param.source == "somewhere/lmdb/train_lmdb" and train.data_param.batch_size == 9
+    assert test.data_param.batch_size == 100 and train.transform_param.crop_size == 56
+    assert net.layer[-3].bottom[0] == "fc_out"
+    fc_out = [layer for layer in net.layer if layer.name == "fc_out"][0]
+    assert fc_out.inner_product_param.num_output == 7
+    s = caffe_pb2().SolverParameter()
+    text_format.Merge((tmp_path / "p" / "tiny" / "solver.prototxt").read_text(), s)
+    assert (s.type, s.stepsize, s.max_iter, list(s.test_iter)) == ("Nesterov", 100000, 123, [3])
+    assert s.solver_mode == caffe_pb2().SolverParameter.CPU
+
+
+def test_unknown_variant_lists_valid_choices(repo, tmp_path):
+    out = run_tool(repo, "--variants", "resnet", "--out", str(tmp_path / "p"))
+    assert out.returncode == 1
+    assert "unknown resnet (valid: all, alexnet, alexnet_small" in out.stderr
+    assert not (tmp_path / "p").exists()
+
+
+def test_bad_numbers_one_line_error(repo, tmp_path):
+    for args, needle in ((["--crop", "65"], "--crop must be <= 64"), (["--val-size", "0"], "--val-size must be >= 1"),
+                         (["--batch-size", "0"], "--batch-size must be >= 1")):
+        out = run_tool(repo, *args, "--out", str(tmp_path / "p"))
+        assert out.returncode == 1 and needle in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    out = run_tool(repo, "--solver", "adam")
+    assert out.returncode == 2 and "invalid choice: 'adam'" in out.stderr

@@ -1,0 +1,153 @@
+"""The variants from tinycaffe.nets, generated, instantiated and run by real Caffe."""
+import math
+import os
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+
+from tinycaffe import data, gen, nets, sample_data
+from tinycaffe.caffe_env import caffe_pb2
+
+CLASSES = 6
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    """A 4-class LMDB and every variant generated against it (batch 2, CPU)."""
+    root = tmp_path_factory.mktemp("nets")
+    ds = str(root / "tiny-imagenet-200")
+    sample_data.generate(ds, classes=CLASSES, train=4, val=2, test=1, seed=2)
+    lmdb_dir = str(root / "lmdb")
+    data.make_lmdbs(ds, lmdb_dir, workers=1, splits=["train", "val"])
+    cfg = gen.GenConfig(out=str(root / "prototxt"), lmdb_dir=lmdb_dir, batch_size=2, mode="cpu",
+                        num_classes=CLASSES, val_size=12)
+    gen.generate(list(nets.VARIANTS), cfg)
+    return cfg
+
+
+def load(path, message=None):
+    message = message or caffe_pb2().NetParameter()
+    with open(path) as f:
+        text_format.Merge(f.read(), message)
+    return message
+
+
+def path_of(cfg, name, kind):
+    return os.path.join(cfg.out, name, kind + ".prototxt")
+
+
+def count(net, layer_type):
+    return sum(1 for layer in net.layer if layer.type == layer_type)
+
+
+@pytest.mark.parametrize("name", list(nets.VARIANTS))
+def test_variant_instantiates_and_trains_one_step(caffe, generated, name):
+    net = caffe.Net(path_of(generated, name, "train_val"), caffe.TRAIN)
+    assert net.blobs["data"].data.shape == (2, 3, 60, 60)
+    out = net.forward()
+    assert math.isfinite(float(out["loss"])) and float(out["loss"]) > 0
+    net.backward()
+    first_conv = [k for k in net.params if k.startswith("conv")][0]
+    assert np.abs(net.params[first_conv][0].diff).sum() > 0
+    test_net = caffe.Net(path_of(generated, name, "train_val"), caffe.TEST)
+    result = test_net.forward()
+    assert 0 <= float(result["accuracy_top1"]) <= float(result["accuracy_top5"]) <= 1
+    deploy = caffe.Net(path_of(generated, name, "deploy"), caffe.TEST)
+    prob = deploy.forward(data=np.zeros((1, 3, 60, 60), np.float32))["prob"]
+    assert prob.shape == (1, CLASSES)
+    assert float(prob.sum()) == pytest.approx(1.0, abs=1e-4)
+
+
+EXPECTED_COUNTS = {  # Convolution, LRN, Pooling, InnerProduct, ReLU, PReLU, BatchNorm
+    "alexnet": (5, 2, 3, 3, 7, 0, 0),
+    "alexnet_small": (5, 0, 3, 3, 7, 0, 0),
+    "alexnet_prelu": (5, 0, 3, 3, 0, 7, 0),
+    "alexnet_prelu_bn": (5, 0, 3, 3, 0, 7, 5),
+    "vgg_prelu_bn": (10, 0, 4, 3, 0, 12, 10),
+    "tiny": (3, 0, 3, 2, 4, 0, 0),
+}
+
+
+@pytest.mark.parametrize("name", list(nets.VARIANTS))
+def test_layer_type_counts(generated, name):
+    net = load(path_of(generated, name, "train_val"))
+    types = ("Convolution", "LRN", "Pooling", "InnerProduct", "ReLU", "PReLU", "BatchNorm")
+    assert tuple(count(net, t) for t in types) == EXPECTED_COUNTS[name]
+    assert count(net, "Scale") == count(net, "BatchNorm")
+
+
+@pytest.mark.parametrize("name", list(nets.VARIANTS))
+def test_crop_60_both_phases_mirror_only_in_train(generated, name):
+    net = load(path_of(generated, name, "train_val"))
+    data_layers = [layer for layer in net.layer if layer.type == "Data"]
+    assert [layer.include[0].phase for layer in data_layers] == [caffe_pb2().TRAIN, caffe_pb2().TEST]
+    train, test = data_layers
+    assert train.transform_param.crop_size == test.transform_param.crop_size == 60
+    assert train.transform_param.mirror and not test.transform_param.mirror
+    assert train.data_param.source.endswith("train_lmdb") and test.data_param.source.endswith("val_lmdb")
+    assert train.transform_param.mean_file.endswith("mean.binaryproto")
+    tops = {layer.name: layer for layer in net.layer}
+    assert tops["accuracy_top5"].accuracy_param.top_k == 5
+    assert all(tops[a].include[0].phase == caffe_pb2().TEST for a in ("accuracy_top1", "accuracy_top5"))
+
+
+@pytest.mark.parametrize("name", list(nets.VARIANTS))
+def test_deploy_shares_layer_names_with_train_val(generated, name):
+    tv = [layer.name for layer in load(path_of(generated, name, "train_val")).layer
+          if layer.type not in ("Data", "SoftmaxWithLoss", "Accuracy")]
+    dp = load(path_of(generated, name, "deploy"))
+    assert [layer.name for layer in dp.layer if layer.type not in ("Input", "Softmax")] == tv
+    assert list(dp.layer[0].input_param.shape[0].dim) == [1, 3, 60, 60]
+    assert dp.layer[-1].type == "Softmax" and dp.layer[-1].top == ["prob"]
+
+
+def test_alexnet_is_caffes_alexnet(generated):
+    layers = {layer.name: layer for layer in load(path_of(generated, "alexnet", "train_val")).layer}
+    c1 = layers["conv1"].convolution_param
+    assert (list(c1.kernel_size), list(c1.stride), c1.num_output) == ([11], [4], 96)
+    assert [layers[c].convolution_param.group for c in ("conv2", "conv4", "conv5")] == [2, 2, 2]
+    assert layers["norm1"].lrn_param.local_size == 5 and layers["norm1"].lrn_param.beta == pytest.approx(0.75)
+    assert [(layers[p].pooling_param.kernel_size, layers[p].pooling_param.stride)
+            for p in ("pool1", "pool2", "pool5")] == [(3, 2)] * 3
+    assert layers["fc6"].inner_product_param.num_output == layers["fc7"].inner_product_param.num_output == 4096
+    assert layers["fc8"].inner_product_param.num_output == CLASSES
+    assert layers["drop6"].dropout_param.dropout_ratio == pytest.approx(0.5)
+    assert layers["fc6"].inner_product_param.weight_filler.std == pytest.approx(0.005)
+    assert layers["conv2"].convolution_param.bias_filler.value == pytest.approx(0.1)
+    assert [(p.lr_mult, p.decay_mult) for p in layers["conv1"].param] == [(1, 1), (2, 0)]
+
+
+def test_alexnet_small_no_lrn_small_pools_mostly_3x3(generated):
+    net = load(path_of(generated, "alexnet_small", "train_val"))
+    assert count(net, "LRN") == 0
+    assert all(layer.pooling_param.kernel_size <= 2 for layer in net.layer if layer.type == "Pooling")
+    kernels = [layer.convolution_param.kernel_size[0] for layer in net.layer if layer.type == "Convolution"]
+    assert sum(k == 3 for k in kernels) > len(kernels) / 2 and max(kernels) <= 5
+
+
+def test_alexnet_prelu_xavier_everywhere(generated):
+    net = load(path_of(generated, "alexnet_prelu", "train_val"))
+    assert count(net, "ReLU") == 0
+    for layer in net.layer:
+        if layer.type == "Convolution":
+            assert layer.convolution_param.weight_filler.type == "xavier", layer.name
+        if layer.type == "InnerProduct":
+            assert layer.inner_product_param.weight_filler.type == "xavier", layer.name
+
+
+def test_batchnorm_follows_every_conv_and_phase_decides_stats(generated):
+    net = load(path_of(generated, "alexnet_prelu_bn", "train_val"))
+    layers = list(net.layer)
+    for i, layer in enumerate(layers):
+        if layer.type == "Convolution":
+            assert not layer.convolution_param.bias_term  # Scale carries the bias
+            assert [layers[i + 1].type, layers[i + 2].type] == ["BatchNorm", "Scale"]
+            assert not layers[i + 1].batch_norm_param.HasField("use_global_stats")
+            assert [p.lr_mult for p in layers[i + 1].param] == [0, 0, 0]
+
+
+def test_vgg_is_all_3x3(generated):
+    net = load(path_of(generated, "vgg_prelu_bn", "train_val"))
+    convs = [layer.convolution_param for layer in net.layer if layer.type == "Convolution"]
+    assert {(c.kernel_size[0], c.pad[0]) for c in convs} == {(3, 1)}
