@@ -36,7 +36,7 @@ def test_flags_reach_the_files(repo, tmp_path):
     labels.write_text("".join("n%08d thing %d\n" % (i, i) for i in range(7)))
     out = run_tool(repo, "--variants", "tiny,alexnet", "--out", str(tmp_path / "p"), "--lmdb-dir", "somewhere/lmdb",
                    "--crop", "56", "--batch-size", "9", "--schedule", "alexnet", "--solver", "nesterov",
-                   "--mode", "cpu", "--max-iter", "123", "--labels", str(labels), "--val-size", "300")
+                   "--mode", "cpu", "--max-iter", "123", "--test-interval", "40", "--labels", str(labels), "--val-size", "300")
     assert out.returncode == 0, out.stderr
     assert sorted(os.listdir(tmp_path / "p")) == ["alexnet", "tiny"]
     net = caffe_pb2().NetParameter()
@@ -49,7 +49,7 @@ def test_flags_reach_the_files(repo, tmp_path):
     assert fc_out.inner_product_param.num_output == 7
     s = caffe_pb2().SolverParameter()
     text_format.Merge((tmp_path / "p" / "tiny" / "solver.prototxt").read_text(), s)
-    assert (s.type, s.stepsize, s.max_iter, list(s.test_iter)) == ("Nesterov", 100000, 123, [3])
+    assert (s.type, s.stepsize, s.max_iter, list(s.test_iter), s.test_interval) == ("Nesterov", 100000, 123, [3], 40)
     assert s.solver_mode == caffe_pb2().SolverParameter.CPU
 
 

@@ -1,6 +1,6 @@
 """Write prototxt/<variant>/{train_val,deploy,solver}.prototxt from nets.py and solver.py."""
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from google.protobuf import text_format
 
@@ -25,6 +25,7 @@ class GenConfig:
     solver: str = "sgd"
     mode: str = "gpu"
     max_iter: int = None  # None: the schedule's
+    test_interval: int = None  # None: the schedule's
     num_classes: int = DEFAULT_NUM_CLASSES
     val_size: int = DEFAULT_VAL_SIZE
     seed: int = solvers.RANDOM_SEED
@@ -56,8 +57,9 @@ def validate(cfg):
         raise ValueError("--crop must be <= 64 (the LMDB images are 64x64), got %d" % cfg.crop)
     if cfg.batch_size is not None and cfg.batch_size < 1:
         raise ValueError("--batch-size must be >= 1, got %d" % cfg.batch_size)
-    if cfg.max_iter is not None and cfg.max_iter < 1:
-        raise ValueError("--max-iter must be >= 1, got %d" % cfg.max_iter)
+    for flag, value in (("--max-iter", cfg.max_iter), ("--test-interval", cfg.test_interval)):
+        if value is not None and value < 1:
+            raise ValueError("%s must be >= 1, got %d" % (flag, value))
 
 
 def generate(names, cfg):
@@ -77,13 +79,9 @@ def generate(names, cfg):
                             cfg.num_classes, batch, test_batch, cfg.crop)
         dp = nets.deploy(name, cfg.num_classes, cfg.crop)
         sv = solvers.make_solver(tv_path, "runs/%s/%s" % (name, name), cfg.val_size, cfg.schedule, cfg.solver,
-                                cfg.mode, cfg.max_iter, cfg.seed)
+                                 cfg.mode, cfg.max_iter, cfg.seed, cfg.test_interval)
         for kind, message in (("train_val", tv), ("deploy", dp), ("solver", sv)):
             path = os.path.join(folder, kind + ".prototxt")
             _write(path, _header(kind, name, cfg, batch) + text_format.MessageToString(message))
             written.append(path)
     return written
-
-
-def config_dict(cfg):
-    return asdict(cfg)

@@ -27,7 +27,7 @@ def test_batch_for(val_count, limit=MAX_TEST_BATCH):
 
 
 def make_solver(net_path, snapshot_prefix, val_count, schedule="fast", solver_type="sgd", mode="gpu",
-                max_iter=None, seed=RANDOM_SEED):
+                max_iter=None, seed=RANDOM_SEED, test_interval=None):
     """A SolverParameter for train_val at net_path. test_iter = val_count / test batch."""
     if schedule not in SCHEDULES:
         raise ValueError("unknown schedule '%s' (valid: %s)" % (schedule, ", ".join(SCHEDULES)))
@@ -40,7 +40,7 @@ def make_solver(net_path, snapshot_prefix, val_count, schedule="fast", solver_ty
     s = pb2.SolverParameter()
     s.net = net_path
     s.test_iter.append(val_count // test_batch_for(val_count))
-    s.test_interval = plan["test_interval"]
+    s.test_interval = plan["test_interval"] if test_interval is None else test_interval
     s.test_initialization = False  # the first test at iteration 0 only measures chance
     s.base_lr = BASE_LR
     s.lr_policy = "step"

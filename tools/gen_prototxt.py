@@ -32,6 +32,9 @@ def build_parser():
     p.add_argument("--max-iter", type=int, default=None,
                    help="iterations (default: the schedule's, %s)"
                    % ", ".join("%s %d" % (k, v["max_iter"]) for k, v in solver.SCHEDULES.items()))
+    p.add_argument("--test-interval", type=int, default=None,
+                   help="iterations between val tests (default: the schedule's, %s)"
+                   % ", ".join("%s %d" % (k, v["test_interval"]) for k, v in solver.SCHEDULES.items()))
     p.add_argument("--num-classes", type=int, default=None,
                    help="classes (default %d, or the line count of --labels)" % gen.DEFAULT_NUM_CLASSES)
     p.add_argument("--labels", default=None, help="labels.txt to take the class count from (default: none)")
@@ -77,6 +80,7 @@ def main(argv=None):
                                                                       ", ".join(nets.VARIANTS)))
         cfg = gen.GenConfig(out=args.out, lmdb_dir=args.lmdb_dir, crop=args.crop, batch_size=args.batch_size,
                             schedule=args.schedule, solver=args.solver, mode=args.mode, max_iter=args.max_iter,
+                            test_interval=args.test_interval,
                             num_classes=_num_classes(args), val_size=args.val_size, seed=args.seed)
         written = gen.generate(names, cfg)
     except (ValueError, KeyError, OSError, CaffeNotFound) as exc:
