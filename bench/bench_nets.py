@@ -72,7 +72,7 @@ def main(argv=None):
     print("|---|---:|---:|---:|---:|---:|")
     for name in names:
         info = check.inspect_net(os.path.join(REPO, "prototxt", name, "deploy.prototxt"), "TEST")
-        params = sum(check._prod(s) for row in info["layers"] for s in row["params"])
+        params = sum(check.prod(s) for row in info["layers"] for s in row["params"])
         mflops = sum(row["flops"] for row in info["layers"]) / 1e6
         model = timing_net(name, args.batch)
         try:

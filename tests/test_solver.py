@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from tinycaffe import gen, nets, solver
+from tinycaffe import gen, solver
 from tinycaffe.caffe_env import caffe_pb2
 
 

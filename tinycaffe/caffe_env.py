@@ -52,7 +52,7 @@ def import_caffe():
     try:
         import caffe  # noqa: F401  (pycaffe, from the .pth that setup.sh writes)
     except ImportError as exc:
-        raise CaffeNotFound("cannot import pycaffe (%s); run scripts/setup.sh and use .venv/bin/python" % exc)
+        raise CaffeNotFound("cannot import pycaffe (%s); run scripts/setup.sh and use .venv/bin/python" % exc) from exc
     return caffe
 
 

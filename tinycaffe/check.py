@@ -36,7 +36,7 @@ def parse(path):
         with open(path) as f:
             text = f.read()
     except OSError as exc:
-        raise CheckError("%s: cannot read (%s)" % (path, exc.strerror))
+        raise CheckError("%s: cannot read (%s)" % (path, exc.strerror)) from exc
     pb2 = caffe_pb2()
     kind = "solver" if SOLVER_FIELDS.search(text) and not re.search(r"^\s*layers?\s*\{", text, re.M) else "net"
     message = pb2.SolverParameter() if kind == "solver" else pb2.NetParameter()
@@ -45,7 +45,7 @@ def parse(path):
     except text_format.ParseError as exc:
         line, col = exc.GetLine(), exc.GetColumn()
         reason = re.sub(r"^\d+:\d+ : ", "", str(exc))
-        raise CheckError("%s:%s:%s: %s" % (path, line, col, reason))
+        raise CheckError("%s:%s:%s: %s" % (path, line, col, reason)) from exc
     return kind, message
 
 
@@ -184,7 +184,7 @@ def format_table(path, phase, info):
              "  %-18s %-16s %-22s %12s %10s" % ("layer", "type", "output", "params", "MFLOPs/img")]
     total_params = total_flops = 0
     for row in info["layers"]:
-        n_params = sum(_prod(p) for p in row["params"])
+        n_params = sum(prod(p) for p in row["params"])
         total_params += n_params
         total_flops += row["flops"]
         out = " ".join("x".join(str(d) for d in s) for s in row["tops"])
@@ -195,7 +195,7 @@ def format_table(path, phase, info):
     return "\n".join(lines), total_params, total_flops
 
 
-def _prod(shape):
+def prod(shape):
     n = 1
     for d in shape:
         n *= d

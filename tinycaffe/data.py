@@ -178,7 +178,7 @@ def decode_bgr_chw(path, size):
             mode = im.mode
             img = im if mode in ("RGB", "L") else im.convert("RGB")  # CMYK, P, RGBA, ... -> RGB
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise BadImage("%s: cannot decode (%s)" % (path, exc))
+        raise BadImage("%s: cannot decode (%s)" % (path, exc)) from exc
     resized = img.size != (size, size)
     if resized:
         img = img.resize((size, size), getattr(Image.Resampling, RESIZE_FILTER))
