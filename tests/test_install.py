@@ -149,3 +149,16 @@ def test_failed_build_leaves_no_prefix_behind(repo, tmp_path):
     assert "cmake configure failed" in out.stderr
     assert not (home / "caffe-1.0-cpu").exists()
     assert [p.name for p in home.iterdir() if p.name.startswith("build-")] == []
+
+
+def test_caffe_root_uses_an_existing_caffe_and_builds_nothing(repo, caffe_bin, tmp_path):
+    prefix = os.path.dirname(os.path.dirname(caffe_bin))  # .../caffe-1.0-cpu
+    home = tmp_path / "home"
+    env = dict(os.environ, TINYCAFFE_HOME=str(home), CAFFE_ROOT=prefix)
+    out = run(["bash", INSTALL, "--cpu", "--python", sys.executable], cwd=repo, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "using existing Caffe at CAFFE_ROOT=%s" % prefix in out.stdout and "compiling" not in out.stdout
+    assert "pycaffe 1.0.0 OK" in out.stdout
+    location = (home / "caffe.env").read_text()
+    assert "CAFFE_BIN=%s/bin/caffe" % prefix in location and "PYCAFFE_DIR=%s/lib/python3/dist-packages" % prefix in location
+    assert not (home / "caffe-1.0-cpu").exists()

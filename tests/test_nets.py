@@ -59,6 +59,16 @@ def test_variant_instantiates_and_trains_one_step(caffe, generated, name):
     assert float(prob.sum()) == pytest.approx(1.0, abs=1e-4)
 
 
+@pytest.mark.parametrize("name", list(nets.VARIANTS))
+def test_variant_solver_instantiates_and_steps(caffe, generated, name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # snapshot_prefix runs/<variant>/<variant> is relative to the run's cwd
+    os.makedirs(os.path.join("runs", name))
+    solver = caffe.get_solver(path_of(generated, name, "solver"))
+    assert solver.iter == 0 and len(solver.test_nets) == 1
+    solver.step(1)
+    assert solver.iter == 1 and math.isfinite(float(solver.net.blobs["loss"].data))
+
+
 EXPECTED_COUNTS = {  # Convolution, LRN, Pooling, InnerProduct, ReLU, PReLU, BatchNorm
     "alexnet": (5, 2, 3, 3, 7, 0, 0),
     "alexnet_small": (5, 0, 3, 3, 7, 0, 0),

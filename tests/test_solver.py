@@ -33,7 +33,7 @@ def test_cpu_mode_and_max_iter_override():
 
 
 @pytest.mark.parametrize("kind", list(solver.SOLVER_TYPES))
-def test_caffe_accepts_each_solver_type(caffe, tmp_path, kind):
+def test_caffe_accepts_each_solver_type(caffe, tmp_path, monkeypatch, kind):
     """Caffe builds the solver (AdaGrad would abort if momentum were set) and steps once."""
     from tinycaffe import data, sample_data
     ds = str(tmp_path / "ds")
@@ -43,14 +43,10 @@ def test_caffe_accepts_each_solver_type(caffe, tmp_path, kind):
                         solver=kind, mode="cpu", num_classes=5, val_size=10, max_iter=2)
     gen.generate(["tiny"], cfg)
     os.makedirs(tmp_path / "runs" / "tiny")
-    cwd = os.getcwd()
-    os.chdir(tmp_path)  # snapshot_prefix is relative to where caffe runs
-    try:
-        s = caffe.get_solver(os.path.join(cfg.out, "tiny", "solver.prototxt"))
-        s.step(1)
-        assert s.iter == 1 and s.net.blobs["loss"].data > 0
-    finally:
-        os.chdir(cwd)
+    monkeypatch.chdir(tmp_path)  # snapshot_prefix is relative to where caffe runs
+    s = caffe.get_solver(os.path.join(cfg.out, "tiny", "solver.prototxt"))
+    s.step(1)
+    assert s.iter == 1 and s.net.blobs["loss"].data > 0
 
 
 @pytest.mark.parametrize("bad, needle", [
