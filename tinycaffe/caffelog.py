@@ -1,0 +1,137 @@
+"""Parse a Caffe training log (also one still being written) into train/test rows,
+write them as CSVs with the columns of Caffe's tools/extra/parse_log.py, and draw curves."""
+import csv
+import datetime
+import math
+import os
+import re
+
+TIME = re.compile(r"^[IWEF](\d{4}|\d{8}) (\d\d):(\d\d):(\d\d)\.(\d+)")
+ITERATION = re.compile(r"Iteration (\d+)")
+LR = re.compile(r"Iteration (\d+), lr = ([-+.\deE]+|nan|-nan|inf)")
+OUTPUT = re.compile(r"(Train|Test) net output #\d+: (\S+) = ([-+.\deE]+|-?nan|-?inf)")
+ANNEAL = re.compile(r"tinycaffe: plateau anneal")
+
+
+def _seconds(match, day_offset):
+    h, m, s, frac = (int(match.group(i)) for i in (2, 3, 4, 5))
+    return day_offset + h * 3600 + m * 60 + s + frac / 10 ** len(match.group(5))
+
+
+def _float(text):
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
+def parse(path):
+    """-> (train_rows, test_rows): lists of dicts with NumIters, Seconds, LearningRate, <outputs>."""
+    train, test, lrs = {}, {}, {}
+    start = prev = None
+    day = 0.0
+    iteration, last_lr, iteration_seconds = 0, math.nan, None
+    with open(path, errors="replace") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break  # the last line of a log still being written
+            t = TIME.match(line)
+            seconds = None
+            if t:
+                seconds = _seconds(t, day)
+                if prev is not None and seconds < prev - 1:  # midnight
+                    day += 86400
+                    seconds += 86400
+                prev = seconds
+                start = seconds if start is None else start
+            m = LR.search(line)
+            if m:
+                lrs[int(m.group(1))] = last_lr = _float(m.group(2))
+                continue
+            m = ITERATION.search(line)
+            if m:
+                # Rows take the time of their "Iteration N" line, as Caffe's parse_log.py does.
+                iteration, iteration_seconds = int(m.group(1)), seconds
+            m = OUTPUT.search(line)
+            if m:
+                rows = train if m.group(1) == "Train" else test
+                row = rows.setdefault(iteration, {"NumIters": iteration,
+                                                  "Seconds": round(iteration_seconds - start, 3)
+                                                  if iteration_seconds is not None else "",
+                                                  "LearningRate": last_lr})
+                row[m.group(2)] = _float(m.group(3))
+    # A train row's LR is the one Caffe printed for that iteration (it comes after the outputs).
+    # A test row keeps the LR in force when the test ran, as Caffe's parse_log.py does.
+    for it, row in train.items():
+        if it in lrs:
+            row["LearningRate"] = lrs[it]
+    return [train[k] for k in sorted(train)], [test[k] for k in sorted(test)]
+
+
+def write_csv(rows, path):
+    keys = ["NumIters", "Seconds", "LearningRate"]
+    for row in rows:
+        keys.extend(k for k in row if k not in keys)
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for row in rows:
+            w.writerow(row)
+    os.replace(tmp, path)
+
+
+def plot(train, test, path, title=""):
+    """curves.png: train loss, val top-1/top-5 and the learning rate against iterations."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
+    its = [r["NumIters"] for r in train]
+    axes[0].plot(its, [r.get("loss", math.nan) for r in train], lw=1, label="train loss")
+    if test and "loss" in test[0]:
+        axes[0].plot([r["NumIters"] for r in test], [r["loss"] for r in test], "o-", lw=1, ms=3, label="val loss")
+    axes[0].set_ylabel("loss")
+    for key, style in (("accuracy_top1", "o-"), ("accuracy_top5", "s--")):
+        if test and key in test[0]:
+            axes[1].plot([r["NumIters"] for r in test], [r.get(key, math.nan) for r in test], style, lw=1, ms=3,
+                         label="val " + key.replace("accuracy_", ""))
+    axes[1].set_ylabel("val accuracy")
+    axes[1].set_ylim(0, 1)
+    for ax, where in ((axes[0], "upper right"), (axes[1], "lower right")):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc=where)
+    lr_points = sorted({(r["NumIters"], r["LearningRate"]) for r in train + test
+                        if isinstance(r["LearningRate"], float) and r["LearningRate"] > 0})
+    if lr_points:
+        axes[2].step([p[0] for p in lr_points], [p[1] for p in lr_points], where="post")
+        axes[2].set_yscale("log")
+    axes[2].set_ylabel("learning rate")
+    axes[2].set_xlabel("iteration")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_outputs(log_path, out_dir, title=""):
+    """train.csv, test.csv and curves.png for a log; returns (train rows, test rows)."""
+    train, test = parse(log_path)
+    os.makedirs(out_dir, exist_ok=True)
+    write_csv(train, os.path.join(out_dir, "train.csv"))
+    write_csv(test, os.path.join(out_dir, "test.csv"))
+    plot(train, test, os.path.join(out_dir, "curves.png"), title)
+    return train, test
+
+
+def glog_line(message, level="I", where="tinycaffe"):
+    """A line in glog's format, so that our own lines sit in caffe.log like Caffe's."""
+    t = datetime.datetime.now()
+    return "%s%s %s %d %s] %s\n" % (level, t.strftime("%Y%m%d"), t.strftime("%H:%M:%S.%f"), os.getpid(), where,
+                                     message)

@@ -1,0 +1,52 @@
+#!/usr/bin/env python3
+"""A Markdown table of all runs under runs/: variant, status, iterations, wall time,
+best val top-1/top-5 and the paper's figure for that variant."""
+import argparse
+import glob
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tinycaffe import nets, runs  # noqa: E402
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("root", nargs="?", default=runs.DEFAULT_RUNS, help="runs folder (default %s)" % runs.DEFAULT_RUNS)
+    return p
+
+
+def _pct(value):
+    return "%.1f%%" % (100 * value) if isinstance(value, (int, float)) else "—"
+
+
+def table(root):
+    lines = ["| run | variant | status | iterations | wall time | best val top-1 | best val top-5 | paper top-1 |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for path in sorted(glob.glob(os.path.join(root, "*", "*", "run.json"))):
+        with open(path) as f:
+            r = json.load(f)
+        final = r.get("final", {})
+        wall = final.get("wall_seconds")
+        lines.append("| %s | `%s` | %s | %s | %s | %s | %s | %s |" % (
+            os.path.relpath(os.path.dirname(path), root), r.get("variant"), r.get("status"),
+            final.get("iterations", "—"), "%.0f s" % wall if isinstance(wall, (int, float)) else "—",
+            _pct(final.get("best_accuracy_top1")), _pct(final.get("best_accuracy_top5")),
+            nets.VARIANTS[r["variant"]].paper_top1 if r.get("variant") in nets.VARIANTS else "—"))
+    return lines
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if not os.path.isdir(args.root):
+        print("report.py: error: %s: no such folder" % args.root, file=sys.stderr)
+        return 1
+    lines = table(args.root)
+    print("\n".join(lines))
+    return 0 if len(lines) > 2 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

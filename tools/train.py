@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""Train a variant (or any solver.prototxt) into a run directory: runs/<variant>/<timestamp>/
+with the exact solver and net used, caffe.log, snapshots, run.json, train/test CSVs and curves.png.
+
+The default engine is a pycaffe loop that adds --anneal plateau (divide the LR by 10 when val
+top-1 stalls: the paper's manual cuts, automated); --engine binary runs the real `caffe train`
+(what scripts/train.sh does)."""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tinycaffe import nets, runs, train  # noqa: E402
+from tinycaffe.caffe_env import CaffeNotFound  # noqa: E402
+
+
+def build_parser(prog=None, default_engine="pycaffe"):
+    p = argparse.ArgumentParser(prog=prog, description=__doc__)
+    p.add_argument("target", metavar="VARIANT|SOLVER",
+                   help="a variant (%s) or a path to a solver.prototxt" % ", ".join(nets.VARIANTS))
+    p.add_argument("--gpu", default="auto",
+                   help="GPU id, list (0,1), all, or cpu (default auto: cpu on a CPU-only build, else 0)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the newest run of this variant (or --run-dir) from its newest .solverstate "
+                        "(default: start a new run)")
+    p.add_argument("--weights", default=None, help="initialise from this .caffemodel (default: the fillers)")
+    p.add_argument("--run-dir", default=None, help="run directory (default runs/<variant>/<timestamp>)")
+    p.add_argument("--runs-root", default=runs.DEFAULT_RUNS, help="where run directories go (default %s)"
+                   % runs.DEFAULT_RUNS)
+    p.add_argument("--engine", choices=("pycaffe", "binary"), default=default_engine,
+                   help="pycaffe loop or the caffe binary (default %s)" % default_engine)
+    p.add_argument("--anneal", choices=("step", "plateau"), default="step",
+                   help="step: the solver's own lr_policy; plateau: /10 when val top-1 stalls, pycaffe engine "
+                        "only (default step)")
+    p.add_argument("--patience", type=int, default=train.DEFAULT_PATIENCE,
+                   help="plateau: evaluations without improvement before an anneal (default %d)"
+                   % train.DEFAULT_PATIENCE)
+    p.add_argument("--min-delta", type=float, default=train.DEFAULT_MIN_DELTA,
+                   help="plateau: val top-1 gain that counts as improvement (default %g)" % train.DEFAULT_MIN_DELTA)
+    p.add_argument("--max-anneals", type=int, default=train.DEFAULT_MAX_ANNEALS,
+                   help="plateau: stop at the next plateau after this many anneals (default %d)"
+                   % train.DEFAULT_MAX_ANNEALS)
+    return p
+
+
+def main(argv=None, prog=None, default_engine="pycaffe"):
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(prog, default_engine).parse_args(argv)
+    name = prog or "train.py"
+    if args.anneal == "plateau" and args.engine != "pycaffe":
+        print("%s: error: --anneal plateau needs --engine pycaffe (the caffe binary cannot change its LR)" % name,
+              file=sys.stderr)
+        return 2
+    if args.patience < 1 or args.max_anneals < 0:
+        print("%s: error: --patience must be >= 1 and --max-anneals >= 0" % name, file=sys.stderr)
+        return 2
+    try:
+        return train.launch(args, [name] + list(argv))
+    except (runs.RunError, CaffeNotFound) as exc:
+        print("%s: error: %s" % (name, exc), file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
