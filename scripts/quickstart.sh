@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole job on the embedded sample dataset, on CPU, from a clean clone:
-# set-up -> sample data -> LMDB -> prototxt -> a short training with `caffe train`
-# (-> evaluation -> submission -> curves, as their tools land).
+# set-up -> sample data -> LMDB -> prototxt -> a short training (scripts/train.sh) with its
+# curves (-> evaluation -> submission, as their tools land).
 # Steps whose tools have not landed yet are listed at the end, not faked.
 #
 #   scripts/quickstart.sh [--iters N]     (default 600: about a minute on 2 cores)
@@ -48,22 +48,21 @@ VAL_SIZE="$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["split
   --val-size "$VAL_SIZE" --mode cpu --max-iter "$ITERS" --test-interval "$((ITERS / 3))"
 "$PY" tools/gen_prototxt.py --check "$RUN/prototxt/tiny/train_val.prototxt" "$RUN/prototxt/tiny/deploy.prototxt" | tail -1
 
-step "5. a short CPU training with the real caffe binary ($ITERS iterations) -> $RUN/caffe.log"
-mkdir -p runs/tiny   # the solver's snapshot_prefix is runs/tiny/tiny
-GLOG_logtostderr=1 .venv/bin/caffe train --solver "$RUN/prototxt/tiny/solver.prototxt" 2> "$RUN/caffe.log" \
-  || { tail -20 "$RUN/caffe.log" >&2; echo "[quickstart] caffe train failed; full log: $RUN/caffe.log" >&2; exit 1; }
-grep -E "Iteration [0-9]+, loss|Test net output" "$RUN/caffe.log" | tail -6
-TOP1="$(grep -oE 'accuracy_top1 = [0-9.]+' "$RUN/caffe.log" | tail -1 | cut -d' ' -f3)"
+step "5. a short CPU training of 'tiny' with scripts/train.sh ($ITERS iterations) -> $RUN/runs/tiny/"
+scripts/train.sh "$RUN/prototxt/tiny/solver.prototxt" --gpu cpu --runs-root "$RUN/runs"
+RUN_DIR="$(ls -d "$RUN"/runs/tiny/* | tail -1)"
+TOP1="$("$PY" -c 'import json,sys; print("%.3f" % json.load(open(sys.argv[1]))["final"]["accuracy_top1"])' "$RUN_DIR/run.json")"
 CLASSES="$(wc -l < "$LMDB/labels.txt")"
+"$PY" tools/report.py "$RUN/runs"
 
 done_steps=("set-up + Caffe self-check" "sample data in $SAMPLE" "LMDBs in $LMDB (contact sheet $LMDB/val_sheet.png)"
             "prototxt in $RUN/prototxt, checked by Caffe"
-            "training: val top-1 $TOP1 after $ITERS iterations (chance $(awk "BEGIN{printf \"%.2f\", 1/$CLASSES}")), log $RUN/caffe.log, weights runs/tiny/tiny_iter_$ITERS.caffemodel")
+            "training: val top-1 $TOP1 after $ITERS iterations (chance $(awk "BEGIN{printf \"%.2f\", 1/$CLASSES}"))"
+            "run dir $RUN_DIR: caffe.log, run.json, snapshots/, curves.png (train loss, val top-1/top-5, LR)")
 todo_steps=()
-for tool in train evaluate make_submission plot_log; do
+for tool in evaluate make_submission; do
   [ -f "tools/$tool.py" ] || todo_steps+=("tools/$tool.py")
 done
-[ -f scripts/train.sh ] || todo_steps+=("scripts/train.sh (run dirs, resume)")
 
 step "summary"
 printf 'done:\n'; printf '  - %s\n' "${done_steps[@]}"

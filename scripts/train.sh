@@ -4,8 +4,9 @@
 #   scripts/train.sh VARIANT|SOLVER.prototxt [--gpu 0|0,1|all|cpu] [--resume] [--weights X.caffemodel]
 #                    [--run-dir DIR]
 #
-# Ctrl-C makes Caffe snapshot before it exits (-sigint_effect snapshot), so a run can
-# always be continued with --resume. Same run layout as tools/train.py (which adds
+# Ctrl-C makes Caffe snapshot before it exits (-sigint_effect stop with snapshot_after_train;
+# Caffe's "snapshot" effect would snapshot and keep training), so a run can always be
+# continued with --resume. SIGHUP writes a snapshot and training goes on. Same run layout as tools/train.py (which adds
 # --anneal plateau); see `.venv/bin/python tools/train.py --help` for every flag.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

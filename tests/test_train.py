@@ -196,3 +196,36 @@ def test_plateau_needs_the_pycaffe_engine(repo, lmdb_dir, tmp_path):
     solver = make_solver(lmdb_dir, tmp_path / "p")
     out = run(repo, ["bash", "scripts/train.sh", solver, "--anneal", "plateau"])
     assert out.returncode == 2 and "--anneal plateau needs --engine pycaffe" in out.stderr
+
+
+@pytest.mark.parametrize("tool", [["bash", "scripts/train.sh"], [sys.executable, "tools/train.py"]])
+def test_ctrl_c_snapshots_and_leaves_a_resumable_run(repo, lmdb_dir, tmp_path, tool):
+    solver = make_solver(lmdb_dir, tmp_path / "p", max_iter=2000, display=10)
+    proc = subprocess.Popen(tool + [solver, "--gpu", "cpu", "--runs-root", str(tmp_path / "runs")],
+                            cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    seen = ""
+    while "Iteration 20," not in seen:
+        line = proc.stderr.readline()
+        assert line, "training ended before iteration 20"
+        seen += line
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group gets it
+    proc.stderr.read()
+    assert proc.wait() == 130
+    run_dir = only_run_dir(tmp_path / "runs")
+    record = json.load(open(os.path.join(run_dir, "run.json")))
+    assert record["status"] == "interrupted" and 20 <= record["final"]["iterations"] < 2000
+    states = glob.glob(os.path.join(run_dir, "snapshots", "*.solverstate"))
+    assert len(states) == 1  # written by Caffe's -sigint_effect snapshot
+    assert all(os.path.isfile(os.path.join(run_dir, f)) for f in ("train.csv", "test.csv", "curves.png"))
+
+
+@pytest.mark.parametrize("engine", ["binary", "pycaffe"])
+def test_divergence_stops_with_a_clear_message(repo, lmdb_dir, tmp_path, engine):
+    solver = make_solver(lmdb_dir, tmp_path / "p", base_lr=1e5, max_iter=200, display=1, snapshot=2)
+    out = run(repo, [sys.executable, "tools/train.py", solver, "--gpu", "cpu", "--engine", engine,
+                     "--runs-root", str(tmp_path / "runs")])
+    assert out.returncode == 3, out.stderr[-2000:]
+    assert "the loss diverged" in out.stderr
+    record = json.load(open(os.path.join(only_run_dir(tmp_path / "runs"), "run.json")))
+    assert record["status"] == "diverged" and record["final"]["iterations"] < 200

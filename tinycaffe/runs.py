@@ -153,6 +153,7 @@ def prepare(variant, solver_path, solver, net_path, run_dir, gpu):
     used.net = run_net
     used.snapshot_prefix = os.path.join(run_dir, "snapshots", variant)
     used.solver_mode = used.GPU if gpu else used.CPU
+    used.snapshot_after_train = True  # what makes Ctrl-C (Caffe's SIGINT "stop") leave a snapshot
     write_text(os.path.join(run_dir, "solver.prototxt"),
                "# %s as used by this run (net, snapshot_prefix, solver_mode rewritten)\n" % solver_path
                + text_format.MessageToString(used))

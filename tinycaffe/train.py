@@ -21,7 +21,9 @@ DEFAULT_MIN_DELTA = 0.002  # val top-1 gain that counts as an improvement
 DEFAULT_MAX_ANNEALS = 3  # after this many anneals, the next plateau ends the run
 ANNEAL_FACTOR = 0.1  # the paper's manual cuts were /10
 DIVERGED_LOSS = 87.3  # SoftmaxWithLoss caps at -log(FLT_MIN) = 87.34: the softmax underflowed
-OPENBLAS_THREADS = "1"  # see README: on 2 cores, 1 thread per process measured faster  (bench/bench_train.py)
+# OpenBLAS threads for CPU training: one per core. On this 2-core machine 2 threads trained
+# 1.25-1.4x faster than 1 (bench/bench_train.py); a value set in the environment wins.
+OPENBLAS_THREADS = str(os.cpu_count() or 1)
 
 
 def launch(args, argv):
@@ -29,8 +31,12 @@ def launch(args, argv):
     variant, solver_path = runs.resolve_solver(args.target)
     flavour = runs.caffe_flavour()
     gpu = runs.parse_gpu(args.gpu, flavour)
-    if args.engine == "pycaffe" and gpu and ("," in gpu or gpu == "all"):
-        raise runs.RunError("--gpu %s: several GPUs need Caffe's NCCL path: use scripts/train.sh" % gpu)
+    if gpu and ("," in gpu or gpu == "all"):
+        if args.engine == "pycaffe":
+            raise runs.RunError("--gpu %s: several GPUs need Caffe's NCCL path: use scripts/train.sh" % gpu)
+        if not caffe_env.import_caffe().has_nccl():
+            raise runs.RunError("--gpu %s: this Caffe build has no NCCL (built with USE_NCCL=OFF), so it can "
+                                "train on one GPU only; pass a single id" % gpu)
     if args.weights and not os.path.isfile(args.weights):
         raise runs.RunError("--weights %s: no such file" % args.weights)
     state = None
@@ -68,8 +74,10 @@ def _anneal_settings(args):
 
 
 def _binary_command(run_dir, gpu, state, weights):
+    # SIGINT "stop": Caffe leaves its loop and, snapshot_after_train being on, snapshots before it
+    # exits ("snapshot" would snapshot and train on). SIGHUP "snapshot": a checkpoint, training goes on.
     cmd = [caffe_env.caffe_binary(), "train", "-solver", os.path.join(run_dir, "solver.prototxt"),
-           "-sigint_effect", "snapshot", "-sighup_effect", "snapshot"]
+           "-sigint_effect", "stop", "-sighup_effect", "snapshot"]
     if gpu:
         cmd += ["-gpu", gpu]
     if state:
@@ -102,35 +110,39 @@ def _child_env():
 
 def _tee(command, log_path, record, run_dir):
     """Run the child, copy its log to log_path and the terminal, watch for divergence and anneals."""
-    status = "finished"
-    with open(log_path, "a") as log:
-        log.write(caffelog.glog_line("tinycaffe: %s" % " ".join(command)))
-        proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, bufsize=1, env=_child_env())
-        while True:
-            try:
-                line = proc.stderr.readline()
-            except KeyboardInterrupt:
-                # Ctrl-C reached the child too: Caffe snapshots and exits; keep reading its last lines.
-                status = "interrupted"
-                continue
-            if not line:
-                break
-            log.write(line)
-            sys.stderr.write(line)
-            if _diverged(line):
-                status = "diverged"
-                log.write(caffelog.glog_line("tinycaffe: loss diverged (%s); stopping without a snapshot of the "
-                                             "bad weights; the last good snapshot is kept" % line.strip()[-40:], "E"))
-                proc.kill()  # SIGKILL: no sigint_effect snapshot of NaN weights
-            if "tinycaffe: plateau anneal" in line:
-                record["anneals"].append(line.split("] ", 1)[-1].strip())
-                runs.save_record(run_dir, record)
-        returncode = proc.wait()
-    if returncode == -signal.SIGINT or (status == "finished" and returncode == 130):
-        status = "interrupted"
-    elif status == "finished" and returncode != 0:
-        status = "diverged" if returncode == 3 else "failed"
-    return status, returncode
+    interrupted = []
+
+    def on_sigint(signum, frame):
+        # Ctrl-C reaches the whole foreground group: the child snapshots and exits by itself.
+        # Here it only marks the run, so that no KeyboardInterrupt can cut the tee short.
+        interrupted.append(True)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    diverged = False
+    try:
+        with open(log_path, "a") as log:
+            log.write(caffelog.glog_line("tinycaffe: %s" % " ".join(command)))
+            proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, bufsize=1, env=_child_env())
+            for line in proc.stderr:
+                log.write(line)
+                sys.stderr.write(line)
+                if not diverged and _diverged(line):
+                    diverged = True
+                    log.write(caffelog.glog_line("tinycaffe: loss diverged (%s); stopped without a snapshot of the "
+                                                 "bad weights; the last good snapshot is kept"
+                                                 % line.strip()[-40:], "E"))
+                    proc.kill()  # SIGKILL: no snapshot of NaN weights
+                if "tinycaffe: plateau anneal" in line:
+                    record["anneals"].append(line.split("] ", 1)[-1].strip())
+                    runs.save_record(run_dir, record)
+            returncode = proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if diverged or returncode == 3:
+        return "diverged", returncode
+    if interrupted or returncode in (130, -signal.SIGINT):
+        return "interrupted", returncode
+    return ("finished" if returncode == 0 else "failed"), returncode
 
 
 def _diverged(line):
@@ -286,6 +298,7 @@ class Worker:
                                                                            top.get("accuracy_top5", math.nan))
                         if top else ""))
         except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the snapshot short
             self.solver.snapshot()
             _log("tinycaffe: interrupted at iteration %d; snapshot written" % self.solver.iter, "W")
             return 130
