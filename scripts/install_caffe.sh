@@ -272,6 +272,11 @@ main() {
   local caffe_bin pydir
   caffe_bin="$(find_caffe_bin "$root")" || die "no caffe binary under $root (looked in bin/, build/tools/)"
   pydir="$(find_pycaffe_dir "$root")" || die "no pycaffe under $root (looked in lib/python3/dist-packages, python/)"
+  if [ -n "${CAFFE_ROOT:-}" ]; then
+    # An existing Caffe may be a CUDA build: the tools then accept --gpu.
+    if ldd "$caffe_bin" 2>/dev/null | grep -q 'libcudart'; then FLAVOUR=cuda; else FLAVOUR=cpu; fi
+    log "existing Caffe flavour: $FLAVOUR"
+  fi
   self_check "$caffe_bin" "$pydir"
   # Machine-readable location, read by setup.sh and tinycaffe.caffe_env.
   printf 'CAFFE_ROOT=%s\nCAFFE_BIN=%s\nPYCAFFE_DIR=%s\nCAFFE_FLAVOUR=%s\n' \
