@@ -125,11 +125,11 @@ def inspect_net(path, phase_name):
             batch = shapes[0][0] or 1
         params = [list(b.data.shape) for b in net.params[name]] if name in net.params else []
         rows.append({"name": name, "type": layer.type, "tops": shapes, "params": params,
-                     "flops": layer_flops(layer.type, shapes, params, batch or 1)})
+                     "flops": layer_flops(layer.type, shapes, params)})
     return {"layers": rows, "warnings": warnings, "batch": batch or 1}
 
 
-def layer_flops(kind, top_shapes, params, batch):
+def layer_flops(kind, top_shapes, params):
     """Forward FLOPs per image (a multiply-add counts 2) for the layers that dominate."""
     if not params or not top_shapes:
         return 0

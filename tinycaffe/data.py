@@ -59,7 +59,7 @@ class SplitResult:
     resized: int = 0
     modes: dict = field(default_factory=dict)  # source image mode -> count (L, CMYK, P, ...)
     skipped: list = field(default_factory=list)  # {"file", "reason"}
-    per_class: dict = field(default_factory=dict)  # wnid -> count
+    per_class: dict = field(default_factory=dict)  # class index -> count
     token_sum: int = 0  # sum of file_token() of every source file, mod 2^64
     seconds: float = 0.0
 
@@ -406,7 +406,7 @@ def _install(tmp_dir, out_dir, force):
 
 
 def make_lmdbs(data_dir, out_dir, workers=None, seed=DEFAULT_SEED, force=False, skip_bad=False,
-               splits=DEFAULT_SPLITS, size=DEFAULT_SIZE, progress_factory=None, log=print):
+               splits=DEFAULT_SPLITS, size=DEFAULT_SIZE, progress_factory=None):
     """Convert data_dir into out_dir; returns the manifest dict.
 
     progress_factory(split, total) returns a callable(n) or None.

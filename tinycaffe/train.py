@@ -61,7 +61,7 @@ def launch(args, argv):
     print("[train] run dir %s (%s, %s)" % (run_dir, args.engine, "gpu " + gpu if gpu else "cpu"), file=sys.stderr)
 
     command = (_binary_command(run_dir, gpu, state, args.weights) if args.engine == "binary"
-               else _worker_command(run_dir, gpu, state, args.weights, args, record))
+               else _worker_command(run_dir, gpu, state, args.weights, record))
     status, returncode = _tee(command, os.path.join(run_dir, "caffe.log"), record, run_dir)
     return _finish(run_dir, record, status, returncode)
 
@@ -87,7 +87,7 @@ def _binary_command(run_dir, gpu, state, weights):
     return cmd
 
 
-def _worker_command(run_dir, gpu, state, weights, args, record):
+def _worker_command(run_dir, gpu, state, weights, record):
     anneal = record.get("anneal") or {"mode": "step"}
     cmd = [sys.executable, "-m", "tinycaffe.train", "--worker", run_dir, "--anneal", anneal["mode"]]
     if anneal["mode"] == "plateau":
