@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""Evaluate a trained model on val: top-1/top-5, per-class accuracy (CSV), the most confused
+class pairs, images/s; test-time augmentation center (Caffe's TEST crop), mirror or 10crop."""
+import argparse
+import csv
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tqdm import tqdm  # noqa: E402
+
+from tinycaffe import data, evaluate, runs  # noqa: E402
+from tinycaffe.caffe_env import CaffeNotFound  # noqa: E402
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__)
+    evaluate.add_model_arguments(p, "labelled LMDB")
+    p.add_argument("--labels", default=None, help="labels.txt (default: the one beside the LMDB)")
+    p.add_argument("--tta", default="center", choices=evaluate.TTA_MODES,
+                   help="test-time augmentation (default center)")
+    p.add_argument("--batch", type=int, default=evaluate.DEFAULT_BATCH,
+                   help="images per forward (default %d)" % evaluate.DEFAULT_BATCH)
+    p.add_argument("--gpu", default="auto", help="GPU id or cpu (default auto: cpu on a CPU-only build)")
+    p.add_argument("--out", default=None, help="folder for per_class_<tta>.csv and eval_<tta>.json "
+                                               "(default: the weights' run dir)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (default: show it)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        gpu = runs.parse_gpu(args.gpu, runs.caffe_flavour())
+        if gpu and not gpu.isdigit():
+            raise evaluate.EvalError("--gpu %s: evaluation uses one GPU; pass a single id" % gpu)
+        labels_path = args.labels or os.path.join(os.path.dirname(os.path.normpath(args.lmdb)), "labels.txt")
+        labels = data.read_labels(labels_path)
+        if not os.path.isfile(args.mean):
+            raise evaluate.EvalError("%s: no such mean file (expected mean.binaryproto from make_lmdb.py)" % args.mean)
+        mean = data.read_mean(args.mean)
+        net = evaluate.load_net(args.deploy, args.weights, gpu)
+        classes = net.blobs[evaluate.output_blob(net)].data.shape[1]
+        if classes != len(labels):
+            raise evaluate.EvalError("%s has %d classes but %s lists %d: LMDB and model come from different "
+                                     "datasets" % (args.deploy, classes, labels_path, len(labels)))
+        total = data.lmdb_count(args.lmdb)
+        with tqdm(total=total, unit="img", desc="evaluate", disable=args.quiet) as bar:
+            keys, y, probs, _, seconds = evaluate.predict([(net, 1.0)], args.lmdb, mean, args.tta, args.batch,
+                                                          bar.update)
+    except (evaluate.EvalError, data.DataError, runs.RunError, CaffeNotFound) as exc:
+        print("evaluate.py: error: %s" % exc, file=sys.stderr)
+        return 1
+    if (y < 0).any():
+        print("evaluate.py: error: %s has unlabeled records (label -1): evaluate on val, not test" % args.lmdb,
+              file=sys.stderr)
+        return 1
+    top1, top5 = evaluate.topk_accuracy(probs, y, 1), evaluate.topk_accuracy(probs, y, 5)
+    out = args.out or evaluate.run_dir_of(args.weights)
+    os.makedirs(out, exist_ok=True)
+    per_class = evaluate.per_class_accuracy(probs, y, classes)
+    csv_path = os.path.join(out, "per_class_%s.csv" % args.tta)
+    with open(csv_path + ".tmp", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class", "wnid", "words", "images", "top1"])
+        for c, n, acc in per_class:
+            w.writerow([c, labels[c][0], labels[c][1], n, "" if acc is None else "%.4f" % acc])
+    os.replace(csv_path + ".tmp", csv_path)
+    confused = evaluate.confusions(probs, y)
+    result = {"deploy": args.deploy, "weights": args.weights, "lmdb": args.lmdb, "tta": args.tta, "images": len(y),
+              "top1": top1, "top5": top5, "images_per_second": len(y) / max(seconds, 1e-9),
+              "confusions": [{"true": labels[t][0], "predicted": labels[p][0], "count": n}
+                             for (t, p), n in confused]}
+    runs.write_text(os.path.join(out, "eval_%s.json" % args.tta), json.dumps(result, indent=2) + "\n")
+    print("%s on %s (%d images, tta %s): top-1 %.4f  top-5 %.4f  (%.0f images/s)"
+          % (args.weights, args.lmdb, len(y), args.tta, top1, top5, result["images_per_second"]))
+    print("most confused (true -> predicted, count):")
+    for (t, p), n in confused[:5]:
+        print("  %s %s -> %s %s: %d" % (labels[t][0], labels[t][1], labels[p][0], labels[p][1], n))
+    print("per-class accuracy: %s" % csv_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
