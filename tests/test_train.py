@@ -132,6 +132,9 @@ def test_plateau_anneals_in_log_and_run_json(repo, lmdb_dir, tmp_path):
     lrs = {int(r["NumIters"]): float(r["LearningRate"]) for r in csv.DictReader(open(os.path.join(run_dir, "train.csv")))}
     # Rows every `display` (20) iterations: the anneal at the test of 40 shows from iteration 40 on.
     assert lrs == {0: pytest.approx(0.01), 20: pytest.approx(0.01), 40: pytest.approx(0.001)}
+    # The caffe binary would forget the annealed LR: resuming this run through it is refused.
+    out = run(repo, ["bash", "scripts/train.sh", solver, "--resume", "--run-dir", run_dir])
+    assert out.returncode == 1 and "resume it with tools/train.py --resume" in out.stderr
 
 
 def test_plot_log_csvs_match_the_log(repo, lmdb_dir, tmp_path):

@@ -160,6 +160,17 @@ def prepare(variant, solver_path, solver, net_path, run_dir, gpu):
     return used
 
 
+def set_device(run_dir, used, gpu):
+    """Point the run's solver at the device of this invocation (only solver_mode changes)."""
+    mode = used.GPU if gpu else used.CPU
+    if used.solver_mode != mode:
+        used.solver_mode = mode
+        path = os.path.join(run_dir, "solver.prototxt")
+        with open(path) as f:
+            header = "".join(line for line in f if line.startswith("#"))
+        write_text(path, header + "# solver_mode changed on resume\n" + text_format.MessageToString(used))
+
+
 def write_text(path, text):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

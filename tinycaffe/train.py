@@ -43,9 +43,13 @@ def launch(args, argv):
     if args.resume:
         run_dir = args.run_dir or runs.newest_run_dir(variant, args.runs_root)
         record = runs.load_record(run_dir)
+        if (record.get("anneal") or {}).get("mode") == "plateau" and args.engine != "pycaffe":
+            raise runs.RunError("%s anneals on plateaus (its LR is not the solver's schedule): resume it with "
+                                "tools/train.py --resume" % run_dir)
         state = runs.newest_solverstate(run_dir)
         used = runs.read_message(os.path.join(run_dir, "solver.prototxt"), caffe_pb2().SolverParameter())
         runs.precheck(used, os.path.join(run_dir, "solver.prototxt"))
+        runs.set_device(run_dir, used, gpu)  # a run may continue on another device
         record["resumes"].append({"at": runs.now(), "from": state, "command": argv})
         record["status"] = "running"
     else:
