@@ -24,7 +24,7 @@ DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 TINYCAFFE_HOME="${TINYCAFFE_HOME:-$HOME/.cache/tinycaffe}"
 
 # Debian packages the CPU build needs (headers, protoc, cmake, and dpkg-source).
-BUILD_DEPS=(cmake g++ make patch dpkg-dev pkg-config
+BUILD_DEPS=(cmake g++ make patch dpkg-dev pkg-config debian-archive-keyring
   libboost-system-dev libboost-thread-dev libboost-filesystem-dev libboost-python-dev
   libgoogle-glog-dev libgflags-dev libprotobuf-dev protobuf-compiler
   libhdf5-dev liblmdb-dev libsnappy-dev libopenblas-dev)
