@@ -173,7 +173,7 @@ def _finish(run_dir, record, status, returncode):
     runs.save_record(run_dir, record)
     print("[train] %s after %d iterations%s; run dir %s (curves.png, train.csv, test.csv, run.json)"
           % (status, final["iterations"],
-             ", val top-1 %.4f (best %.4f)" % (final["accuracy_top1"], final["best_accuracy_top1"])
+             ", val top-1 %.4f (best %.4f)" % (final["accuracy_top1"], final.get("best_accuracy_top1", math.nan))
              if "accuracy_top1" in final else "", run_dir), file=sys.stderr)
     if status == "diverged":
         print("[train] error: the loss diverged (NaN or >= %.1f); lower base_lr or check the data; "
