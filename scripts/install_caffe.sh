@@ -21,6 +21,9 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CAFFE_DEB_VERSION="1.0.0+git20180821.99bd997-8"   # the last Debian release (bullseye)
 CAFFE_DEB_SUITE="bullseye"
 DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+# CI runners and cron may start without HOME: take the account's home directory then.
+HOME="${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}"
+export HOME
 TINYCAFFE_HOME="${TINYCAFFE_HOME:-$HOME/.cache/tinycaffe}"
 
 # Debian packages the CPU build needs (headers, protoc, cmake, and dpkg-source).
