@@ -6,6 +6,8 @@ import math
 import os
 import re
 
+from .files import atomic_open
+
 TIME = re.compile(r"^[IWEF](\d{4}|\d{8}) (\d\d):(\d\d):(\d\d)\.(\d+)")
 ITERATION = re.compile(r"Iteration (\d+)")
 LR = re.compile(r"Iteration (\d+), lr = ([-+.\deE]+|nan|-nan|inf)")
@@ -18,7 +20,7 @@ def _seconds(match, day_offset):
     return day_offset + h * 3600 + m * 60 + s + frac / 10 ** len(match.group(5))
 
 
-def _float(text):
+def parse_float(text):
     try:
         return float(text)
     except ValueError:
@@ -46,7 +48,7 @@ def parse(path):
                 start = seconds if start is None else start
             m = LR.search(line)
             if m:
-                lrs[int(m.group(1))] = last_lr = _float(m.group(2))
+                lrs[int(m.group(1))] = last_lr = parse_float(m.group(2))
                 continue
             m = ITERATION.search(line)
             if m:
@@ -59,7 +61,7 @@ def parse(path):
                                                   "Seconds": round(iteration_seconds - start, 3)
                                                   if iteration_seconds is not None else "",
                                                   "LearningRate": last_lr})
-                row[m.group(2)] = _float(m.group(3))
+                row[m.group(2)] = parse_float(m.group(3))
     # A train row's LR is the one Caffe printed for that iteration (it comes after the outputs).
     # A test row keeps the LR in force when the test ran, as Caffe's parse_log.py does.
     for it, row in train.items():
@@ -72,13 +74,11 @@ def write_csv(rows, path):
     keys = ["NumIters", "Seconds", "LearningRate"]
     for row in rows:
         keys.extend(k for k in row if k not in keys)
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_open(path, newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         for row in rows:
             w.writerow(row)
-    os.replace(tmp, path)
 
 
 def plot(train, test, path, title=""):

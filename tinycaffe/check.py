@@ -19,6 +19,7 @@ import tempfile
 from google.protobuf import text_format
 
 from .caffe_env import caffe_pb2
+from .files import PrototxtError, parse_prototxt
 
 DATA_LAYER_TYPES = ("Data", "ImageData", "HDF5Data", "WindowData")
 DEFAULT_DATA_SIDE = 64  # an LMDB Datum's side when the source cannot be read
@@ -35,17 +36,13 @@ def parse(path):
     try:
         with open(path) as f:
             text = f.read()
+        pb2 = caffe_pb2()
+        kind = "solver" if SOLVER_FIELDS.search(text) and not re.search(r"^\s*layers?\s*\{", text, re.M) else "net"
+        message = parse_prototxt(path, text, pb2.SolverParameter() if kind == "solver" else pb2.NetParameter())
     except OSError as exc:
         raise CheckError("%s: cannot read (%s)" % (path, exc.strerror)) from exc
-    pb2 = caffe_pb2()
-    kind = "solver" if SOLVER_FIELDS.search(text) and not re.search(r"^\s*layers?\s*\{", text, re.M) else "net"
-    message = pb2.SolverParameter() if kind == "solver" else pb2.NetParameter()
-    try:
-        text_format.Merge(text, message)
-    except text_format.ParseError as exc:
-        line, col = exc.GetLine(), exc.GetColumn()
-        reason = re.sub(r"^\d+:\d+ : ", "", str(exc))
-        raise CheckError("%s:%s:%s: %s" % (path, line, col, reason)) from exc
+    except PrototxtError as exc:
+        raise CheckError(str(exc)) from exc
     return kind, message
 
 

@@ -2,8 +2,8 @@
 
 The contract is SPEC sections 1-3: Datums of raw uint8 BGR CxHxW, label = index
 of the wnid in the *sorted* wnid list, zero-padded keys whose byte order is the
-intended read order. Images are decoded in worker processes and written by this
-one; everything is built in a temporary sibling of OUT_DIR and renamed into
+intended read order. Worker processes decode the images and write their own
+chunks (LMDB serialises their write transactions); everything is built in a temporary sibling of OUT_DIR and renamed into
 place only when complete, so an interrupted run never leaves a half LMDB there.
 """
 import glob
@@ -23,6 +23,7 @@ from PIL import Image
 
 from . import __version__
 from .caffe_env import caffe_pb2
+from .files import atomic_open, write_text
 
 # ---------------------------------------------------------------- defaults
 DEFAULT_SEED = 0  # train shuffle seed
@@ -371,13 +372,6 @@ def source_fingerprint(token_sums):
 
 
 # ---------------------------------------------------------------- the whole job
-def _atomic_write(path, data, mode="w"):
-    tmp = path + ".tmp"
-    with open(tmp, mode) as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _remove_stale_temps(out_dir):
     """Temp siblings left by a killed run (their pid is gone) are garbage."""
     parent, base = os.path.split(os.path.abspath(out_dir))
@@ -440,7 +434,7 @@ def make_lmdbs(data_dir, out_dir, workers=None, seed=DEFAULT_SEED, force=False, 
         manifest["elapsed_seconds"] = round(time.time() - t_start, 3)
         total = sum(v["count"] for v in manifest["splits"].values())
         manifest["images_per_second"] = round(total / max(manifest["elapsed_seconds"], 1e-9), 1)
-        _atomic_write(os.path.join(tmp_dir, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
+        write_text(os.path.join(tmp_dir, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
         _install(tmp_dir, out_dir, force)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -461,8 +455,7 @@ def _convert(records, wnids, words, tmp_dir, workers, seed, skip_bad, size, spli
         "splits": {},
         "skipped": [],
     }
-    with open(os.path.join(tmp_dir, "labels.txt"), "w") as f:
-        f.write("".join("%s %s\n" % (w, words.get(w, "")) for w in wnids))
+    write_text(os.path.join(tmp_dir, "labels.txt"), "".join("%s %s\n" % (w, words.get(w, "")) for w in wnids))
     missing_words = [w for w in wnids if w not in words]
     if missing_words:
         manifest["wnids_without_words"] = missing_words
@@ -481,7 +474,7 @@ def _convert(records, wnids, words, tmp_dir, workers, seed, skip_bad, size, spli
         manifest["skipped"].extend(dict(s, split=split) for s in res.skipped)
         if mean_sum is not None and res.count:
             mean = mean_sum / res.count
-            with open(os.path.join(tmp_dir, "mean.binaryproto"), "wb") as f:
+            with atomic_open(os.path.join(tmp_dir, "mean.binaryproto"), "wb") as f:
                 f.write(mean_blob_bytes(mean))
             manifest["mean_bgr"] = [round(float(v), 4) for v in mean.reshape(3, -1).mean(1)]
     manifest["source_fingerprint"] = source_fingerprint(token_sums)

@@ -12,6 +12,7 @@ import numpy as np
 
 from . import data
 from .caffe_env import caffe_pb2, import_caffe
+from .files import PrototxtError, read_prototxt
 
 TTA_MODES = ("center", "mirror", "10crop")
 DEFAULT_BATCH = 50  # images per forward (x crops per image)
@@ -56,32 +57,29 @@ def views(chw_minus_mean, crop, offsets):
 
 
 # ---------------------------------------------------------------- models
-def check_weights_match(deploy, weights):
-    """Compare the caffemodel's layers with deploy's before Caffe sees them: Caffe aborts on a
-    shape mismatch and silently leaves a renamed layer at its random initialisation."""
+def trained_blob_shapes(deploy, weights):
+    """Layer name -> parameter shapes stored in the caffemodel, read before Caffe sees it (Caffe
+    aborts on a shape mismatch and silently leaves a renamed layer at its random initialisation).
+    The deploy file is parsed here too, so that a typo is a FILE:LINE:COL error, not a glog abort."""
     for path, what in ((deploy, "deploy prototxt"), (weights, ".caffemodel")):
         if not os.path.isfile(path):
             raise EvalError("%s: no such %s" % (path, what))
-    from google.protobuf import text_format
-    net = caffe_pb2().NetParameter()
     try:
-        with open(deploy) as f:
-            text_format.Merge(f.read(), net)
-    except text_format.ParseError as exc:
-        raise EvalError("%s: %s" % (deploy, exc)) from exc
+        read_prototxt(deploy, caffe_pb2().NetParameter())
+    except PrototxtError as exc:
+        raise EvalError(str(exc)) from exc
     trained = caffe_pb2().NetParameter()
     with open(weights, "rb") as f:
         try:
             trained.ParseFromString(f.read())
         except Exception as exc:  # protobuf's DecodeError
             raise EvalError("%s: not a .caffemodel (%s)" % (weights, exc)) from exc
-    blobs = {layer.name: [list(b.shape.dim) for b in layer.blobs] for layer in trained.layer if layer.blobs}
-    return net, blobs
+    return {layer.name: [list(b.shape.dim) for b in layer.blobs] for layer in trained.layer if layer.blobs}
 
 
 def load_net(deploy, weights, gpu=None):
     """A TEST-phase pycaffe Net with weights checked against deploy first."""
-    _, blobs = check_weights_match(deploy, weights)
+    blobs = trained_blob_shapes(deploy, weights)
     caffe = import_caffe()
     if gpu is not None:
         caffe.set_device(int(gpu))

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from google.protobuf import text_format
 
 from . import nets
+from .files import write_text
 from . import solver as solvers
 
 # ---------------------------------------------------------------- defaults (SPEC section 4)
@@ -37,13 +38,6 @@ def _header(kind, name, cfg, batch):
             "#   python tools/gen_prototxt.py --check %s\n"
             % (kind, name, cfg.crop, batch, cfg.num_classes, cfg.lmdb_dir, cfg.schedule, cfg.solver, cfg.mode,
                os.path.join(cfg.out, name, kind + ".prototxt")))
-
-
-def _write(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def validate(cfg):
@@ -82,6 +76,6 @@ def generate(names, cfg):
                                  cfg.mode, cfg.max_iter, cfg.seed, cfg.test_interval)
         for kind, message in (("train_val", tv), ("deploy", dp), ("solver", sv)):
             path = os.path.join(folder, kind + ".prototxt")
-            _write(path, _header(kind, name, cfg, batch) + text_format.MessageToString(message))
+            write_text(path, _header(kind, name, cfg, batch) + text_format.MessageToString(message))
             written.append(path)
     return written

@@ -20,6 +20,7 @@ from google.protobuf import json_format, text_format
 
 from . import __version__, caffe_env, nets
 from .caffe_env import caffe_pb2
+from .files import PrototxtError, read_prototxt, write_text
 
 DEFAULT_RUNS = "runs"  # where run directories go, relative to the repo root
 DATA_LAYER_TYPES = ("Data",)
@@ -51,14 +52,9 @@ def _variant_of(solver_path):
 
 def read_message(path, message):
     try:
-        with open(path) as f:
-            text_format.Merge(f.read(), message)
-    except OSError as exc:
-        raise RunError("%s: cannot read (%s)" % (path, exc.strerror)) from exc
-    except text_format.ParseError as exc:
-        raise RunError("%s:%s:%s: %s" % (path, exc.GetLine(), exc.GetColumn(),
-                                        re.sub(r"^\d+:\d+ : ", "", str(exc)))) from exc
-    return message
+        return read_prototxt(path, message)
+    except PrototxtError as exc:
+        raise RunError(str(exc)) from exc
 
 
 # ---------------------------------------------------------------- devices
@@ -169,13 +165,6 @@ def set_device(run_dir, used, gpu):
         with open(path) as f:
             header = "".join(line for line in f if line.startswith("#"))
         write_text(path, header + "# solver_mode changed on resume\n" + text_format.MessageToString(used))
-
-
-def write_text(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def git_commit():

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from . import resources
+from .files import write_text
 
 IMAGE_SIZE = 64  # Tiny ImageNet images are 64x64
 MAX_CLASSES = 200  # the release has 200 classes; we have that many real wnids
@@ -181,11 +182,8 @@ def _image_rng(seed, split, i):
     return random.Random("tinycaffe-sample/%d/%s/%d" % (seed, split, i))
 
 
-def _write_text(path, lines):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
+def _write_lines(path, lines):
+    write_text(path, "".join(line + "\n" for line in lines))
 
 
 def _balanced_labels(num_classes, per_class, rng):
@@ -231,7 +229,7 @@ def generate(out_dir, classes=10, train=100, val=20, test=20, seed=0, progress=N
     # The release's wnids.txt is not sorted; make sure ours is not either.
     if len(order) > 1 and [c.wnid for c in order] == sorted(c.wnid for c in order):
         order = order[1:] + order[:1]
-    _write_text(os.path.join(out_dir, "words.txt"), _words_lines(table, seed))
+    _write_lines(os.path.join(out_dir, "words.txt"), _words_lines(table, seed))
 
     grayscale = 0
     for cls in table:
@@ -247,7 +245,7 @@ def generate(out_dir, classes=10, train=100, val=20, test=20, seed=0, progress=N
                                         force_gray=(cls.index == 0 and i == 1))
             boxes.append("%s\t%d\t%d\t%d\t%d" % ((name,) + box))
             tick(1)
-        _write_text(os.path.join(out_dir, "train", cls.wnid, "%s_boxes.txt" % cls.wnid), boxes)
+        _write_lines(os.path.join(out_dir, "train", cls.wnid, "%s_boxes.txt" % cls.wnid), boxes)
 
     split_rng = random.Random("tinycaffe-sample-splits/%d" % seed)
     for split, per_class in (("val", val), ("test", test)):
@@ -262,9 +260,9 @@ def generate(out_dir, classes=10, train=100, val=20, test=20, seed=0, progress=N
             annotations.append("%s\t%s\t%d\t%d\t%d\t%d" % ((name, table[label].wnid) + box))
             tick(1)
         if split == "val":  # test labels are secret in the release: no file for them
-            _write_text(os.path.join(out_dir, "val", "val_annotations.txt"), annotations)
+            _write_lines(os.path.join(out_dir, "val", "val_annotations.txt"), annotations)
 
     # wnids.txt last: its presence marks a complete dataset.
-    _write_text(os.path.join(out_dir, "wnids.txt"), [c.wnid for c in order])
+    _write_lines(os.path.join(out_dir, "wnids.txt"), [c.wnid for c in order])
     return {"classes": classes, "train": classes * train, "val": classes * val,
             "test": classes * test, "grayscale": grayscale, "seed": seed}

@@ -14,6 +14,7 @@ import time
 
 from . import caffelog, caffe_env, runs
 from .caffe_env import caffe_pb2
+from .files import write_text
 
 # ---------------------------------------------------------------- defaults
 DEFAULT_PATIENCE = 3  # test evaluations without improvement before the LR is divided by 10
@@ -152,7 +153,7 @@ def _tee(command, log_path, record, run_dir):
 def _diverged(line):
     if ", loss = " not in line or "Iteration" not in line:
         return False
-    value = caffelog._float(line.rsplit("loss = ", 1)[1].split()[0])
+    value = caffelog.parse_float(line.rsplit("loss = ", 1)[1].split()[0])
     return not math.isfinite(value) or value >= DIVERGED_LOSS
 
 
@@ -217,7 +218,7 @@ class Worker:
             p.lr_policy = "fixed"
             p.base_lr = self.lr
         path = os.path.join(self.run_dir, ".pycaffe_solver.prototxt")
-        runs.write_text(path, "# derived by tools/train.py for its pycaffe loop; see solver.prototxt\n"
+        write_text(path, "# derived by tools/train.py for its pycaffe loop; see solver.prototxt\n"
                         + str(p))
         self.solver = self.caffe.get_solver(path)
         if state:

@@ -8,6 +8,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from .files import write_text
+
 FILTER_SCALE = 8  # each filter pixel becomes 8x8 screen pixels
 PAD = 2  # pixels between tiles
 MAP_SCALE = 2  # feature-map pixels are doubled
@@ -118,8 +120,5 @@ def write_report(run_dir, out_path=None):
                       "| class | wnid | words | images | top-1 |", "|---:|---|---|---:|---:|"]
             lines += ["| %s | %s | %s | %s | %s |" % (row["class"], row["wnid"], row["words"], row["images"],
                                                       row["top1"]) for row in rows] + [""]
-    tmp = out_path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, out_path)
+    write_text(out_path, "\n".join(lines) + "\n")
     return out_path

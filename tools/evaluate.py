@@ -13,6 +13,7 @@ from tqdm import tqdm  # noqa: E402
 
 from tinycaffe import data, evaluate, runs  # noqa: E402
 from tinycaffe.caffe_env import CaffeNotFound  # noqa: E402
+from tinycaffe.files import atomic_open, write_text  # noqa: E402
 
 
 def build_parser():
@@ -62,18 +63,17 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     per_class = evaluate.per_class_accuracy(probs, y, classes)
     csv_path = os.path.join(out, "per_class_%s.csv" % args.tta)
-    with open(csv_path + ".tmp", "w", newline="") as f:
+    with atomic_open(csv_path, newline="") as f:
         w = csv.writer(f)
         w.writerow(["class", "wnid", "words", "images", "top1"])
         for c, n, acc in per_class:
             w.writerow([c, labels[c][0], labels[c][1], n, "" if acc is None else "%.4f" % acc])
-    os.replace(csv_path + ".tmp", csv_path)
     confused = evaluate.confusions(probs, y)
     result = {"deploy": args.deploy, "weights": args.weights, "lmdb": args.lmdb, "tta": args.tta, "images": len(y),
               "top1": top1, "top5": top5, "images_per_second": len(y) / max(seconds, 1e-9),
               "confusions": [{"true": labels[t][0], "predicted": labels[p][0], "count": n}
                              for (t, p), n in confused]}
-    runs.write_text(os.path.join(out, "eval_%s.json" % args.tta), json.dumps(result, indent=2) + "\n")
+    write_text(os.path.join(out, "eval_%s.json" % args.tta), json.dumps(result, indent=2) + "\n")
     print("%s on %s (%d images, tta %s): top-1 %.4f  top-5 %.4f  (%.0f images/s)"
           % (args.weights, args.lmdb, len(y), args.tta, top1, top5, result["images_per_second"]))
     print("most confused (true -> predicted, count):")

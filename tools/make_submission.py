@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 
 from tinycaffe import data, evaluate, runs, submit  # noqa: E402
 from tinycaffe.caffe_env import CaffeNotFound  # noqa: E402
+from tinycaffe.files import atomic_open  # noqa: E402
 
 
 def build_parser():
@@ -70,13 +71,12 @@ def report_val(pairs, args, mean):
 
 def write_top5(path, names, probs, labels):
     order = sorted(range(len(names)), key=lambda i: int(submit.NAME_RE.match(names[i]).group(1)))
-    with open(path + ".tmp", "w", newline="") as f:
+    with atomic_open(path, newline="") as f:
         w = csv.writer(f)
         w.writerow(["image"] + ["wnid%d" % k for k in range(1, 6)] + ["score%d" % k for k in range(1, 6)])
         for i in order:
             top = np.argsort(-probs[i])[:5]
             w.writerow([names[i]] + [labels[c][0] for c in top] + ["%.6f" % probs[i][c] for c in top])
-    os.replace(path + ".tmp", path)
 
 
 def main(argv=None):
