@@ -2,19 +2,29 @@
 # Build BVLC Caffe 1.0 + pycaffe from Debian's bullseye source package into a
 # versioned prefix outside the repo, then self-check it.
 #
-#   scripts/install_caffe.sh [--cpu|--cuda] [--python PY] [--jobs N] [--force]
+#   scripts/install_caffe.sh [--cpu|--cuda] [--arch "80 90"] [--no-cudnn]
+#                            [--python PY] [--jobs N] [--force]
+#
+# Flavours: --cpu (caffe-1.0-cpu) or --cuda (caffe-1.0-cuda: CUDA 12/13, cuDNN 8/9,
+# NCCL). Neither: keep the flavour that is active now (a GPU box stays GPU), else CPU.
 #
 # Environment:
-#   TINYCAFFE_HOME  cache root (default $HOME/.cache/tinycaffe); the build lands in
-#                   $TINYCAFFE_HOME/caffe-1.0-cpu
+#   TINYCAFFE_HOME  cache root (default $HOME/.cache/tinycaffe); builds land in
+#                   $TINYCAFFE_HOME/caffe-1.0-cpu and caffe-1.0-cuda
 #   CAFFE_SRC       use this Caffe source tree instead of `apt-get source`
 #                   (it is copied, never patched in place)
 #   CAFFE_ROOT      use an existing Caffe install/build; nothing is built
 #   CAFFE_JOBS      parallel compile jobs (default: nproc)
+#   CUDA_HOME       CUDA toolkit (default: the one of the nvcc on PATH, or /usr/local/cuda)
+#   CUDA_ARCH_BIN   GPU architectures (same as --arch; default: those this nvcc supports
+#                   among 75 80 86 89 90, plus PTX of the newest for later cards)
+#   CUDA_LIBS       where cuBLAS, cuRAND, cuDNN, NCCL come from: auto (the toolkit or
+#                   system when there, else PyPI wheels), system, wheels (default auto)
 #
-# Idempotent: a prefix whose build stamp matches (flavour, Python X.Y, patches)
-# is reused. A failed build leaves no prefix behind: the install is staged with
-# DESTDIR and renamed into place only after it completed.
+# Idempotent: a prefix whose build stamp matches (flavour, Python X.Y, patches,
+# and for CUDA: toolkit, architectures, libraries) is reused. A failed build
+# leaves no prefix behind: the install is staged with DESTDIR and renamed into
+# place only after it completed.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -37,33 +47,50 @@ PY_MODULES=(numpy six skimage scipy google.protobuf)
 log() { printf '[install_caffe] %s\n' "$*"; }
 die() { printf '[install_caffe] error: %s\n' "$*" >&2; exit 1; }
 
-usage() { sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,29p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
-FLAVOUR=""        # cpu | cuda; empty = auto (cuda when nvcc is found)
+FLAVOUR=""        # cpu | cuda; empty = keep the active one, else cpu
 PYTHON_BIN="${PYTHON:-}"
 JOBS="${CAFFE_JOBS:-$(nproc)}"
 FORCE=0
+USE_CUDNN=ON      # --no-cudnn: Caffe's own convolution kernels (for comparison)
+ARCH_BIN="${CUDA_ARCH_BIN:-}"
+CUDA_LIBS="${CUDA_LIBS:-auto}"
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu) FLAVOUR=cpu ;;
     --cuda) FLAVOUR=cuda ;;
+    --arch) ARCH_BIN="${2:?--arch needs a list such as \"80 90\"}"; shift ;;
+    --no-cudnn) USE_CUDNN=OFF ;;
     --python) PYTHON_BIN="${2:?--python needs an interpreter path}"; shift ;;
     --jobs) JOBS="${2:?--jobs needs a number}"; shift ;;
     --force) FORCE=1 ;;
     -h|--help) usage; exit 0 ;;
-    *) die "unknown option '$1' (valid: --cpu, --cuda, --python PY, --jobs N, --force, --help)" ;;
+    *) die "unknown option '$1' (valid: --cpu, --cuda, --arch LIST, --no-cudnn, --python PY, --jobs N, --force, --help)" ;;
   esac
   shift
 done
+case "$CUDA_LIBS" in auto|system|wheels) ;; *) die "CUDA_LIBS=$CUDA_LIBS (valid: auto, system, wheels)" ;; esac
+if [ "$FLAVOUR" != cuda ] && { [ -n "$ARCH_BIN" ] && [ -z "${CUDA_ARCH_BIN:-}" ] || [ "$USE_CUDNN" = OFF ]; }; then
+  die "--arch and --no-cudnn are options of the CUDA flavour: add --cuda"
+fi
 
+KEEP_ACTIVE=0     # 1: no flavour asked and the active build is reused as it is
 choose_flavour() {
-  if [ "$FLAVOUR" = cuda ]; then
-    die "the CUDA flavour (caffe-1.0-cuda) is not ready yet: it is tracked in the GPU issue. Use --cpu for now."
-  fi
-  if [ -z "$FLAVOUR" ] && command -v nvcc >/dev/null 2>&1; then
-    log "note: nvcc found, but the CUDA flavour is not ready yet (GPU issue); building the CPU flavour."
+  [ -n "$FLAVOUR" ] && return 0
+  # Keep what is active: `setup.sh` and the test command must not switch a GPU
+  # box back to the CPU build. A fresh machine gets CPU unless --cuda is asked.
+  local active
+  active="$(sed -n 's/^CAFFE_FLAVOUR=//p' "$TINYCAFFE_HOME/caffe.env" 2>/dev/null || true)"
+  if [ "$active" = cuda ] && [ -z "${CAFFE_ROOT:-}" ] && [ -f "$TINYCAFFE_HOME/caffe-1.0-cuda/.tinycaffe-build" ]; then
+    FLAVOUR=cuda KEEP_ACTIVE=1
+    log "keeping the active CUDA build (pass --cpu or --cuda to choose)"
+    return 0
   fi
   FLAVOUR=cpu
+  if command -v nvcc >/dev/null 2>&1; then
+    log "note: nvcc found; this builds the CPU flavour. Pass --cuda for caffe-1.0-cuda."
+  fi
 }
 
 # ---------------------------------------------------------------- Python
@@ -106,6 +133,159 @@ if not os.path.exists(lib):  # static-only interpreters: fall back to the .so ne
     lib = os.path.join(libdir, "libpython%s.so" % sysconfig.get_config_var("VERSION"))
 print("-DPYTHON_INCLUDE_DIR=%s -DPYTHON_LIBRARY=%s" % (inc, lib))
 EOF
+}
+
+# ---------------------------------------------------------------- CUDA
+CUDA_KNOWN_ARCHS=(75 80 86 89 90)  # Turing, Ampere (A100, RTX 30), A10/RTX 30, Ada (L4, RTX 40), Hopper (H100)
+# library -> header that proves it is there
+declare -A CUDA_LIB_HEADER=([cublas]=cublas_v2.h [curand]=curand.h [cudnn]=cudnn.h [nccl]=nccl.h)
+
+find_cuda() {  # sets CUDA_HOME, CUDA_VERSION, CUDA_MAJOR, NVCC
+  NVCC=""
+  if [ -n "${CUDA_HOME:-}" ]; then
+    [ -x "$CUDA_HOME/bin/nvcc" ] || die "CUDA_HOME=$CUDA_HOME: no bin/nvcc there (expected a CUDA toolkit)"
+    NVCC="$CUDA_HOME/bin/nvcc"
+  else
+    NVCC="$(command -v nvcc || true)"
+    [ -n "$NVCC" ] || { [ -x /usr/local/cuda/bin/nvcc ] && NVCC=/usr/local/cuda/bin/nvcc; } \
+      || die "--cuda: no nvcc (PATH, /usr/local/cuda/bin); install a CUDA 12 or 13 toolkit or set CUDA_HOME"
+    # nvcc on PATH may be a wrapper script: nvcc itself says where its toolkit is.
+    local here
+    here="$("$NVCC" --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ _HERE_=//p' | head -1)"
+    CUDA_HOME="$(cd "${here:-$(dirname "$(readlink -f "$NVCC")")}/.." && pwd)"
+    NVCC="$CUDA_HOME/bin/nvcc"
+  fi
+  CUDA_VERSION="$("$NVCC" --version | sed -n 's/.*release \([0-9][0-9.]*\),.*/\1/p')"
+  CUDA_MAJOR="${CUDA_VERSION%%.*}"
+  case "$CUDA_MAJOR" in
+    12|13) ;;
+    *) die "$NVCC is CUDA ${CUDA_VERSION:-of unknown version}; this build supports CUDA 12 and 13" ;;
+  esac
+}
+
+choose_archs() {  # sets ARCH_BIN (space separated) and ARCH_PTX
+  local supported
+  supported=" $("$NVCC" --list-gpu-code 2>/dev/null | sed -n 's/^sm_\([0-9]*\)$/\1/p' | tr '\n' ' ')"
+  if [ -z "$ARCH_BIN" ]; then
+    local a
+    for a in "${CUDA_KNOWN_ARCHS[@]}"; do
+      case "$supported" in *" $a "*) ARCH_BIN="${ARCH_BIN:+$ARCH_BIN }$a" ;; esac
+    done
+  fi
+  ARCH_BIN="$(echo "$ARCH_BIN" | tr ',;' '  ' | xargs -n1 | sort -n -u | xargs)"
+  [ -n "$ARCH_BIN" ] || die "no GPU architecture to build for (nvcc supports:$supported)"
+  local arch
+  for arch in $ARCH_BIN; do
+    case "$supported" in
+      *" $arch "*) ;;
+      *) die "--arch $arch: CUDA $CUDA_VERSION's nvcc cannot build sm_$arch (valid:$supported)" ;;
+    esac
+  done
+  ARCH_PTX="${ARCH_BIN##* }"  # PTX of the newest: later cards JIT-compile it
+}
+
+system_lib_dirs() {  # $1 = library name -> "include-dir lib-dir" of a system copy, or nothing
+  local name="$1" inc lib
+  for inc in "$CUDA_HOME/include" /usr/include /usr/local/include /usr/include/x86_64-linux-gnu; do
+    [ -f "$inc/${CUDA_LIB_HEADER[$name]}" ] || continue
+    for lib in "$CUDA_HOME/lib64" "$CUDA_HOME/lib" /usr/lib/x86_64-linux-gnu /usr/local/lib /usr/lib64; do
+      compgen -G "$lib/lib$name.so*" >/dev/null && { printf '%s %s\n' "$inc" "$lib"; return 0; }
+    done
+  done
+  return 1
+}
+
+install_cuda_wheels() {  # $1 = target dir; the pinned wheels of scripts/cuda-libs/cu$CUDA_MAJOR.txt
+  local target="$1" pins="$REPO/scripts/cuda-libs/cu$CUDA_MAJOR.txt" want
+  want="$(sha256sum < "$pins" | cut -c1-16)"
+  [ -f "$target/.pins" ] && [ "$(cat "$target/.pins")" = "$want" ] && return 0
+  log "CUDA libraries from PyPI wheels ($(basename "$pins")) -> $target (about 1 GB)"
+  rm -rf "$target.tmp"
+  "$PYTHON_BIN" -m pip install -q --disable-pip-version-check --no-deps --target "$target.tmp" -r "$pins" \
+    || die "pip could not install the CUDA wheels of $pins"
+  rm -rf "$target"
+  mv "$target.tmp" "$target"
+  printf '%s\n' "$want" > "$target/.pins"
+}
+
+wheel_lib_dirs() {  # $1 = wheels dir, $2 = library name -> "include-dir lib-dir"
+  local header inc
+  header="$(find "$1/nvidia" -name "${CUDA_LIB_HEADER[$2]}" -path '*/include/*' | head -1)"
+  [ -n "$header" ] || return 1
+  inc="$(dirname "$header")"
+  compgen -G "$inc/../lib/lib$2.so*" >/dev/null || return 1
+  printf '%s %s\n' "$inc" "$(cd "$inc/../lib" && pwd)"
+}
+
+prepare_cuda_libs() {  # sets CUDA_LIBS_DIR: one include/ + lib/ view of the four libraries
+  CUDA_LIBS_DIR="$TINYCAFFE_HOME/cuda$CUDA_MAJOR-libs"
+  local wheels="$CUDA_LIBS_DIR/wheels" name dirs need_wheels=0
+  declare -gA CUDA_LIB_DIRS=() CUDA_LIB_SOURCE=()
+  for name in cublas curand cudnn nccl; do
+    if [ "$CUDA_LIBS" != wheels ] && dirs="$(system_lib_dirs "$name")"; then
+      CUDA_LIB_DIRS[$name]="$dirs" CUDA_LIB_SOURCE[$name]=system
+    elif [ "$CUDA_LIBS" = system ]; then
+      [ "$name" = nccl ] && { CUDA_LIB_SOURCE[$name]=none; continue; }  # optional: one GPU only
+      die "CUDA_LIBS=system: no $name (${CUDA_LIB_HEADER[$name]}) under $CUDA_HOME or /usr; use CUDA_LIBS=wheels"
+    else
+      need_wheels=1 CUDA_LIB_SOURCE[$name]=wheel
+    fi
+  done
+  [ "$need_wheels" -eq 1 ] && install_cuda_wheels "$wheels"
+  # The view: symlinks in one include/ and one lib/, so CMake gets one path per
+  # kind and libcaffe one RUNPATH entry, wherever each library came from.
+  rm -rf "${CUDA_LIBS_DIR:?}/include" "${CUDA_LIBS_DIR:?}/lib"
+  mkdir -p "$CUDA_LIBS_DIR/include" "$CUDA_LIBS_DIR/lib"
+  for name in cublas curand cudnn nccl; do
+    case "${CUDA_LIB_SOURCE[$name]}" in
+      wheel) dirs="$(wheel_lib_dirs "$wheels" "$name")" || die "the $name wheel has no ${CUDA_LIB_HEADER[$name]} + lib$name.so" ;;
+      system) dirs="${CUDA_LIB_DIRS[$name]}" ;;
+      *) continue ;;
+    esac
+    link_lib_files "$name" ${dirs}
+    log "  $name: ${CUDA_LIB_SOURCE[$name]} (${dirs#* })"
+  done
+}
+
+link_lib_files() {  # $1 = name, $2 = include dir, $3 = lib dir
+  local name="$1" inc="$2" lib="$3" f base
+  for f in "$inc/$name"*.h; do
+    [ -e "$f" ] && ln -sfn "$f" "$CUDA_LIBS_DIR/include/"
+  done
+  [ "$name" = cublas ] && for f in "$inc"/cublasLt*.h "$inc"/cublas_api.h; do [ -e "$f" ] && ln -sfn "$f" "$CUDA_LIBS_DIR/include/"; done
+  [ "$name" = nccl ] && [ -d "$inc/nccl_device" ] && ln -sfn "$inc/nccl_device" "$CUDA_LIBS_DIR/include/"
+  for f in "$lib/lib$name"*.so*; do
+    [ -e "$f" ] || continue
+    base="$(basename "$f")"
+    ln -sfn "$f" "$CUDA_LIBS_DIR/lib/$base"
+    # Wheels carry only the SONAME file (libcublas.so.13): the linker wants libcublas.so.
+    [ -e "$CUDA_LIBS_DIR/lib/${base%%.so*}.so" ] || ln -sfn "$f" "$CUDA_LIBS_DIR/lib/${base%%.so*}.so"
+  done
+}
+
+cuobjdump_bin() {  # the toolkit's cuobjdump, else the wheel's
+  local c
+  for c in "$CUDA_HOME/bin/cuobjdump" "$(command -v cuobjdump || true)" \
+           "$TINYCAFFE_HOME/cuda$CUDA_MAJOR-libs/wheels/nvidia/cu$CUDA_MAJOR/bin/cuobjdump"; do
+    [ -n "$c" ] && [ -x "$c" ] && { printf '%s\n' "$c"; return 0; }
+  done
+  return 1
+}
+
+cuda_cmake_args() {  # printed one per line
+  local with_nccl=ON cccl=""
+  [ "${CUDA_LIB_SOURCE[nccl]}" = none ] && with_nccl=OFF
+  # CUDA 13 moved Thrust/CUB under include/cccl: nvcc knows, g++ (cudnn_softmax_layer.cpp) not.
+  [ -d "$CUDA_HOME/include/cccl/thrust" ] && cccl="$CUDA_HOME/include/cccl"
+  printf '%s\n' -DCPU_ONLY=OFF -DUSE_CUDNN="$USE_CUDNN" -DUSE_NCCL="$with_nccl" \
+    -DCUDA_TOOLKIT_ROOT_DIR="$CUDA_HOME" -DCUDA_ARCH_NAME=Manual \
+    -DCUDA_ARCH_BIN="$ARCH_BIN" -DCUDA_ARCH_PTX="$ARCH_PTX" \
+    -DCMAKE_LIBRARY_PATH="$CUDA_LIBS_DIR/lib" -DCMAKE_INCLUDE_PATH="$CUDA_LIBS_DIR/include" \
+    -DCMAKE_CXX_FLAGS="-I$CUDA_LIBS_DIR/include${cccl:+ -I$cccl}" \
+    -DCUDNN_INCLUDE="$CUDA_LIBS_DIR/include" -DCUDNN_LIBRARY="$CUDA_LIBS_DIR/lib/libcudnn.so" \
+    -DNCCL_INCLUDE_DIR="$CUDA_LIBS_DIR/include" -DNCCL_LIBRARIES="$CUDA_LIBS_DIR/lib/libnccl.so" \
+    "-DCUDA_NVCC_FLAGS=-I$CUDA_LIBS_DIR/include;-std=c++17"
+  # C++17: CUDA 13's Thrust/CUB headers refuse older standards (nvcc only; g++ keeps its default).
 }
 
 # ---------------------------------------------------------------- system packages
@@ -170,8 +350,17 @@ apply_patches() {  # $1 = source tree
 
 # ---------------------------------------------------------------- build
 build_stamp() {  # what must match for a cached prefix to be reused
-  printf 'flavour=%s python=%s caffe=%s patches=%s\n' "$FLAVOUR" "$PY_VERSION" \
-    "${CAFFE_SRC:-debian-$CAFFE_DEB_VERSION}" "$(cat "$REPO"/scripts/patches/*.patch | sha256sum | cut -c1-16)"
+  local extra=""
+  if [ "$FLAVOUR" = cuda ]; then
+    extra=" cuda=$CUDA_VERSION arch=${ARCH_BIN// /,}+ptx$ARCH_PTX cudnn=$USE_CUDNN libs=$CUDA_LIBS"
+    extra="$extra pins=$(sha256sum < "$REPO/scripts/cuda-libs/cu$CUDA_MAJOR.txt" | cut -c1-8)"
+  fi
+  printf 'flavour=%s python=%s caffe=%s patches=%s%s\n' "$FLAVOUR" "$PY_VERSION" \
+    "${CAFFE_SRC:-debian-$CAFFE_DEB_VERSION}" "$(cat "$REPO"/scripts/patches/*.patch | sha256sum | cut -c1-16)" "$extra"
+}
+
+flavour_cmake_args() {  # printed one per line
+  if [ "$FLAVOUR" = cuda ]; then cuda_cmake_args; else printf '%s\n' -DCPU_ONLY=ON; fi
 }
 
 build_caffe() {
@@ -184,14 +373,20 @@ build_caffe() {
   apply_patches "$work/src"
   mkdir -p "$work/build"
   log "configuring (python $PYTHON_BIN, $JOBS jobs)"
+  local flavour_args
+  mapfile -t flavour_args < <(flavour_cmake_args)
   # shellcheck disable=SC2046
   (cd "$work/build" && cmake ../src -DCMAKE_BUILD_TYPE=Release \
-      -DCMAKE_INSTALL_PREFIX="$PREFIX" \
-      -DCPU_ONLY=ON -DUSE_OPENCV=OFF -DUSE_LEVELDB=OFF -DUSE_LMDB=ON -DBLAS=Open \
+      -DCMAKE_INSTALL_PREFIX="$PREFIX" "${flavour_args[@]}" \
+      -DUSE_OPENCV=OFF -DUSE_LEVELDB=OFF -DUSE_LMDB=ON -DBLAS=Open \
       -DBUILD_python=ON -Dpython_version=3 -DBUILD_docs=OFF -DBUILD_matlab=OFF \
       -DPYTHON_EXECUTABLE="$PYTHON_BIN" $(python_cmake_args) > "$work/cmake.log" 2>&1) \
     || { tail -30 "$work/cmake.log" >&2; die "cmake configure failed (log above)"; }
-  log "compiling (this takes about 3 minutes on 2 cores)"
+  if [ "$FLAVOUR" = cuda ]; then
+    log "compiling for sm_${ARCH_BIN// /, sm_} + PTX $ARCH_PTX, cuDNN $USE_CUDNN (about 10 minutes per architecture on 2 cores)"
+  else
+    log "compiling (this takes about 3 minutes on 2 cores)"
+  fi
   (cd "$work/build" && make -j"$JOBS" > "$work/make.log" 2>&1) \
     || { grep -m20 -B2 -A5 'error' "$work/make.log" >&2 || tail -40 "$work/make.log" >&2; die "compile failed (errors above)"; }
   (cd "$work/build" && make install DESTDIR="$work/stage" > "$work/install.log" 2>&1) \
@@ -226,7 +421,11 @@ self_check() {
   log "self-check: $caffe_bin --version"
   "$caffe_bin" --version
   log "self-check: import caffe + NetSpec forward/backward on CPU"
-  PYTHONPATH="$pydir${PYTHONPATH:+:$PYTHONPATH}" GLOG_minloglevel=2 "$PYTHON_BIN" - <<'EOF'
+  # A CUDA build on a machine without a GPU logs that cuBLAS/cuRAND handles cannot be
+  # made (they are made at start-up, used only in GPU mode): expected, so not shown.
+  local level=2
+  [ "$FLAVOUR" = cuda ] && ! nvidia-smi -L >/dev/null 2>&1 && level=3
+  PYTHONPATH="$pydir${PYTHONPATH:+:$PYTHONPATH}" GLOG_minloglevel=$level "$PYTHON_BIN" - <<'EOF'
 import numpy as np
 import caffe
 from caffe import layers as L
@@ -252,6 +451,27 @@ print("pycaffe %s OK: loss %.4f, |dW conv| %.4f" % (caffe.__version__, loss, gra
 EOF
 }
 
+cuda_check() {  # $1 = prefix, $2 = caffe binary: the architectures in libcaffe, the GPU if any
+  local lib objdump elf ptx arch
+  lib="$(readlink -f "$1/lib/libcaffe.so")"
+  if objdump="$(cuobjdump_bin)"; then
+    elf="$("$objdump" --list-elf "$lib" | grep -o 'sm_[0-9]*' | sort -u | xargs)"
+    ptx="$("$objdump" --list-ptx "$lib" | grep -o 'sm_[0-9]*' | sort -u | xargs)"
+    log "self-check: cuobjdump: libcaffe holds ELF for ${elf:-nothing}, PTX for ${ptx:-nothing}"
+    for arch in $ARCH_BIN; do
+      case " $elf " in *" sm_$arch "*) ;; *) die "libcaffe.so lacks sm_$arch code (cuobjdump --list-elf: $elf)" ;; esac
+    done
+  else
+    log "self-check: no cuobjdump here: the architecture check is skipped"
+  fi
+  if nvidia-smi -L >/dev/null 2>&1; then
+    log "self-check: caffe device_query -gpu 0"
+    "$2" device_query -gpu 0 2>&1 | sed -n 's/.*] //p' | grep -E 'Name|Major|Minor|Total global' || die "caffe device_query failed"
+  else
+    log "self-check: no GPU driver here (nvidia-smi): device_query is left to the GPU machine"
+  fi
+}
+
 main() {
   choose_flavour
   mkdir -p "$TINYCAFFE_HOME"
@@ -263,8 +483,14 @@ main() {
   else
     PREFIX="$TINYCAFFE_HOME/caffe-1.0-$FLAVOUR"
     root="$PREFIX"
-    if [ "$FORCE" -eq 0 ] && [ -f "$PREFIX/.tinycaffe-build" ] \
-        && head -1 "$PREFIX/.tinycaffe-build" | grep -qxF "$(build_stamp)"; then
+    if [ "$FLAVOUR" = cuda ] && [ "$KEEP_ACTIVE" -eq 0 ]; then
+      find_cuda
+      choose_archs
+      log "CUDA $CUDA_VERSION at $CUDA_HOME; architectures sm_${ARCH_BIN// /, sm_} + PTX $ARCH_PTX"
+      prepare_cuda_libs
+    fi
+    if [ "$KEEP_ACTIVE" -eq 1 ] || { [ "$FORCE" -eq 0 ] && [ -f "$PREFIX/.tinycaffe-build" ] \
+        && head -1 "$PREFIX/.tinycaffe-build" | grep -qxF "$(build_stamp)"; }; then
       log "cached build matches ($PREFIX): nothing to build"
     else
       [ -f "$PREFIX/.tinycaffe-build" ] && log "cached build differs from what is asked: rebuilding"
@@ -281,6 +507,7 @@ main() {
     log "existing Caffe flavour: $FLAVOUR"
   fi
   self_check "$caffe_bin" "$pydir"
+  [ "$FLAVOUR" = cuda ] && [ -z "${CAFFE_ROOT:-}" ] && [ "$KEEP_ACTIVE" -eq 0 ] && cuda_check "$root" "$caffe_bin"
   # Machine-readable location, read by setup.sh and tinycaffe.caffe_env.
   printf 'CAFFE_ROOT=%s\nCAFFE_BIN=%s\nPYCAFFE_DIR=%s\nCAFFE_FLAVOUR=%s\n' \
     "$root" "$caffe_bin" "$pydir" "$FLAVOUR" > "$TINYCAFFE_HOME/caffe.env.tmp"

@@ -23,8 +23,8 @@ done
 
 step() { printf '\n[quickstart] == %s\n' "$*"; }
 
-step "1. set-up (Debian packages, Caffe 1.0 CPU build or cache, .venv) + Caffe self-check"
-scripts/setup.sh --cpu
+step "1. set-up (Debian packages, Caffe 1.0: the active build, else the CPU one, .venv) + Caffe self-check"
+scripts/setup.sh
 
 step "2. sample dataset in the Tiny ImageNet layout -> $SAMPLE"
 if [ -f "$SAMPLE/wnids.txt" ]; then

@@ -3,7 +3,8 @@
 # virtual environment .venv/ with tinycaffe installed (pip install -e .), and
 # pycaffe importable from it. A second run changes nothing and takes seconds.
 #
-#   scripts/setup.sh [--cpu|--cuda] [--force]     (flags go to install_caffe.sh)
+#   scripts/setup.sh [--cpu | --cuda [--arch "80 90"] [--no-cudnn]] [--force]
+#   (flags go to install_caffe.sh; no flavour: keep the active one, else CPU)
 #
 # Environment: PYTHON (interpreter for the venv, default python3), TINYCAFFE_HOME,
 # CAFFE_SRC, CAFFE_ROOT (see scripts/install_caffe.sh).

@@ -34,3 +34,31 @@ def small_sample(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("sample") / "tiny-imagenet-200")
     summary = sample_data.generate(out, classes=4, train=12, val=3, test=3, seed=7)
     return out, summary
+
+
+DUMMY_TRAIN_NET = """
+layer { name: "data" type: "DummyData" top: "data" top: "label"
+  dummy_data_param { shape { dim: 8 dim: 3 dim: 8 dim: 8 } shape { dim: 8 }
+    data_filler { type: "gaussian" std: 1 } data_filler { type: "constant" value: 1 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "xavier" } } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "pool" type: "Pooling" bottom: "conv" top: "pool" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "fc" type: "InnerProduct" bottom: "pool" top: "fc"
+  inner_product_param { num_output: 3 weight_filler { type: "xavier" } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }
+"""
+
+
+def write_dummy_solver(folder, max_iter):
+    """A conv net on DummyData and a CPU solver for it (snapshots folder/snap_iter_N); -> solver path."""
+    from google.protobuf import text_format
+    pb2 = caffe_env.caffe_pb2()
+    net = folder / "net.prototxt"
+    net.write_text(DUMMY_TRAIN_NET)
+    solver = pb2.SolverParameter(net=str(net), base_lr=0.1, lr_policy="fixed", max_iter=max_iter, display=1,
+                                 snapshot_prefix=str(folder / "snap"), solver_mode=pb2.SolverParameter.CPU,
+                                 random_seed=1)
+    path = folder / "solver.prototxt"
+    path.write_text(text_format.MessageToString(solver))
+    return path

@@ -1,11 +1,15 @@
 """The Caffe that scripts/install_caffe.sh built: binary, pycaffe, math, failure paths."""
 import glob
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+
+from conftest import write_dummy_solver
+from tinycaffe import caffe_env
 
 INSTALL = "scripts/install_caffe.sh"
 
@@ -71,24 +75,7 @@ def test_netspec_forward_backward_matches_the_math(caffe, tmp_path):
 
 def test_caffe_train_binary_runs_and_snapshots(caffe_bin, tmp_path):
     """`caffe train` end to end: a solver, a few SGD steps, a snapshot on disk."""
-    from caffe.proto import caffe_pb2
-    from google.protobuf import text_format
-    net = tmp_path / "net.prototxt"
-    net.write_text("""
-layer { name: "data" type: "DummyData" top: "data" top: "label"
-  dummy_data_param { shape { dim: 8 dim: 3 dim: 6 dim: 6 } shape { dim: 8 }
-    data_filler { type: "gaussian" std: 1 } data_filler { type: "constant" value: 1 } } }
-layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
-  convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "xavier" } } }
-layer { name: "fc" type: "InnerProduct" bottom: "conv" top: "fc"
-  inner_product_param { num_output: 3 weight_filler { type: "xavier" } } }
-layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }
-""")
-    solver = caffe_pb2.SolverParameter(net=str(net), base_lr=0.1, lr_policy="fixed", max_iter=5,
-                                       display=1, snapshot_prefix=str(tmp_path / "snap"),
-                                       solver_mode=caffe_pb2.SolverParameter.CPU, random_seed=1)
-    solver_path = tmp_path / "solver.prototxt"
-    solver_path.write_text(text_format.MessageToString(solver))
+    solver_path = write_dummy_solver(tmp_path, max_iter=5)
     env = dict(os.environ, GLOG_minloglevel="0", GLOG_logtostderr="1")
     out = run([caffe_bin, "train", "--solver", str(solver_path)], cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -104,14 +91,44 @@ def test_install_script_rejects_unknown_flag_listing_valid_ones(repo):
     assert "unknown option '--gpu'" in out.stderr and "--cpu" in out.stderr
 
 
-def test_install_script_cuda_says_not_ready(repo):
-    out = run(["bash", INSTALL, "--cuda"], cwd=repo)
+def test_install_script_cuda_without_a_toolkit_names_the_path(repo, tmp_path):
+    env = dict(os.environ, CUDA_HOME=str(tmp_path / "no-cuda"), TINYCAFFE_HOME=str(tmp_path / "home"))
+    out = run(["bash", INSTALL, "--cuda", "--python", sys.executable], cwd=repo, env=env)
     assert out.returncode != 0
-    assert "not ready" in out.stderr and "--cpu" in out.stderr
+    assert "CUDA_HOME=%s: no bin/nvcc there" % (tmp_path / "no-cuda") in out.stderr
+    assert not (tmp_path / "home" / "caffe-1.0-cuda").exists()
 
 
-def test_install_script_second_run_rebuilds_nothing(repo):
-    out = run(["bash", INSTALL, "--cpu", "--python", sys.executable], cwd=repo)
+@pytest.mark.parametrize("args, env, message", [
+    (["--arch", "90"], {}, "--arch and --no-cudnn are options of the CUDA flavour: add --cuda"),
+    (["--no-cudnn"], {}, "--arch and --no-cudnn are options of the CUDA flavour: add --cuda"),
+    (["--cuda"], {"CUDA_LIBS": "conda"}, "CUDA_LIBS=conda (valid: auto, system, wheels)"),
+])
+def test_install_script_rejects_cuda_options_it_cannot_use(repo, tmp_path, args, env, message):
+    env = dict(os.environ, TINYCAFFE_HOME=str(tmp_path / "home"), **env)
+    out = run(["bash", INSTALL, *args, "--python", sys.executable], cwd=repo, env=env)
+    assert out.returncode != 0
+    assert message in out.stderr
+
+
+@pytest.mark.skipif(not shutil.which("nvcc"), reason="no nvcc on PATH: the CUDA architecture check needs one")
+def test_install_script_refuses_an_architecture_nvcc_cannot_build(repo, tmp_path):
+    env = dict(os.environ, TINYCAFFE_HOME=str(tmp_path / "home"))
+    out = run(["bash", INSTALL, "--cuda", "--arch", "35 90", "--python", sys.executable], cwd=repo, env=env)
+    assert out.returncode != 0
+    assert "--arch 35: CUDA" in out.stderr and "cannot build sm_35 (valid:" in out.stderr and " 90" in out.stderr
+    assert not (tmp_path / "home" / "cuda13-libs").exists()  # refused before any download
+
+
+def test_install_script_second_run_rebuilds_nothing(repo, caffe_bin, tmp_path):
+    # A private TINYCAFFE_HOME around the real prefix: the test never switches the
+    # machine's active flavour (a GPU box keeps its CUDA build).
+    cpu_prefix = os.path.join(caffe_env.tinycaffe_home(), "caffe-1.0-cpu")
+    if not os.path.isfile(os.path.join(cpu_prefix, ".tinycaffe-build")):
+        pytest.skip("no CPU build here (the active one is %s)" % caffe_bin)
+    home = _home_with(tmp_path, "cpu", **{"caffe-1.0-cpu": cpu_prefix})
+    out = run(["bash", INSTALL, "--cpu", "--python", sys.executable], cwd=repo,
+              env=dict(os.environ, TINYCAFFE_HOME=str(home)))
     assert out.returncode == 0, out.stderr
     assert "cached build matches" in out.stdout
     assert "compiling" not in out.stdout
@@ -119,21 +136,32 @@ def test_install_script_second_run_rebuilds_nothing(repo):
 
 
 def _write_patched_files(repo, src):
-    """Write, for every file our patches touch, the lines the patch leaves there
-    (context + added), so that install_caffe.sh sees the patches as applied."""
-    for patch in glob.glob(os.path.join(repo, "scripts/patches/*.patch")):
-        target, lines = None, []
+    """Write, for every file our patches touch, the lines the patches leave there
+    (context + added, hunks in file order, several patches to one file merged), so
+    that install_caffe.sh sees every patch as applied."""
+    hunks = {}  # file -> [(new start line, lines)]
+    for patch in sorted(glob.glob(os.path.join(repo, "scripts/patches/*.patch"))):
+        target = None
         with open(patch) as f:
             for line in f:
                 if line.startswith("+++ b/"):
                     target = line[6:].split("\t")[0].strip()
                 elif line.startswith("@@"):
-                    continue
-                elif target and line[:1] in (" ", "+"):
-                    lines.append(line[1:])
+                    start = int(line.split("+")[1].split(",")[0].split(" ")[0])
+                    hunks.setdefault(target, []).append((start, []))
+                elif target and line[:1] in (" ", "+") and hunks.get(target):
+                    hunks[target][-1][1].append(line[1:])
+    for target, parts in hunks.items():
         path = src / target
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(lines))
+        # Hunks at their own line numbers (blank filler between): two hunks with the
+        # same text (0006's conv and deconv) must not sit next to each other.
+        text, row = [], 1
+        for start, lines in sorted(parts, key=lambda p: p[0]):
+            text += ["\n"] * max(0, start - row)
+            text += lines
+            row = max(row, start) + len(lines)
+        path.write_text("".join(text))
 
 
 def test_failed_build_leaves_no_prefix_behind(repo, tmp_path):
@@ -162,3 +190,35 @@ def test_caffe_root_uses_an_existing_caffe_and_builds_nothing(repo, caffe_bin, t
     location = (home / "caffe.env").read_text()
     assert "CAFFE_BIN=%s/bin/caffe" % prefix in location and "PYCAFFE_DIR=%s/lib/python3/dist-packages" % prefix in location
     assert not (home / "caffe-1.0-cpu").exists()
+
+
+def _home_with(tmp_path, flavour_active, **prefixes):
+    """A TINYCAFFE_HOME whose caffe.env says flavour_active, with the given prefixes linked in."""
+    home = tmp_path / "home"
+    home.mkdir()
+    for name, target in prefixes.items():
+        (home / name).symlink_to(target)
+    (home / "caffe.env").write_text("CAFFE_FLAVOUR=%s\n" % flavour_active)
+    return home
+
+
+def test_no_flavour_keeps_an_active_cuda_build(repo, tmp_path):
+    cuda_prefix = os.path.join(caffe_env.tinycaffe_home(), "caffe-1.0-cuda")
+    if not os.path.isfile(os.path.join(cuda_prefix, ".tinycaffe-build")):
+        pytest.skip("no cached CUDA build (scripts/install_caffe.sh --cuda --arch 90)")
+    home = _home_with(tmp_path, "cuda", **{"caffe-1.0-cuda": cuda_prefix})
+    out = run(["bash", INSTALL, "--python", sys.executable], cwd=repo, env=dict(os.environ, TINYCAFFE_HOME=str(home)))
+    assert out.returncode == 0, out.stderr
+    assert "keeping the active CUDA build" in out.stdout and "compiling" not in out.stdout
+    assert "CAFFE_FLAVOUR=cuda" in (home / "caffe.env").read_text()
+
+
+def test_no_flavour_without_a_cuda_build_takes_the_cpu_one(repo, tmp_path):
+    cpu_prefix = os.path.join(caffe_env.tinycaffe_home(), "caffe-1.0-cpu")
+    if not os.path.isfile(os.path.join(cpu_prefix, ".tinycaffe-build")):
+        pytest.skip("no CPU build here")
+    home = _home_with(tmp_path, "cuda", **{"caffe-1.0-cpu": cpu_prefix})
+    out = run(["bash", INSTALL, "--python", sys.executable], cwd=repo, env=dict(os.environ, TINYCAFFE_HOME=str(home)))
+    assert out.returncode == 0, out.stderr
+    assert "cached build matches" in out.stdout and "compiling" not in out.stdout
+    assert "CAFFE_FLAVOUR=cpu" in (home / "caffe.env").read_text()

@@ -15,7 +15,7 @@ import pytest
 from google.protobuf import text_format
 from PIL import Image
 
-from tinycaffe import data, gen, sample_data
+from tinycaffe import data, gen, runs, sample_data
 from tinycaffe.caffe_env import caffe_pb2
 
 
@@ -180,6 +180,8 @@ def test_bad_input_one_line_before_caffe(repo, tmp_path, args, needle):
     """prototxt/tiny points at data/lmdb, which the test machine does not have."""
     if "not an LMDB" in needle and os.path.isdir(os.path.join(repo, "data", "lmdb", "train_lmdb")):
         pytest.skip("data/lmdb exists on this machine")
+    if "CPU-only build" in needle and runs.caffe_flavour() != "cpu":
+        pytest.skip("the active Caffe is a CUDA build (tests/test_runs.py checks this refusal without one)")
     out = run(repo, ["bash", "scripts/train.sh", *args, "--runs-root", str(tmp_path / "runs")])
     assert out.returncode == 1
     assert needle in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr

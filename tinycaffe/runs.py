@@ -58,17 +58,44 @@ def read_message(path, message):
 
 
 # ---------------------------------------------------------------- devices
-def parse_gpu(value, flavour):
+GPU_HELP = "GPU id%s or cpu (default auto: GPU 0 on a CUDA build with a GPU, else cpu)"
+NVIDIA_PROC = "/proc/driver/nvidia/gpus"  # one entry per GPU the driver sees
+
+
+def add_gpu_argument(parser, several=False):
+    """The same --gpu flag for every tool; several: train.sh's lists and `all` (NCCL)."""
+    parser.add_argument("--gpu", default="auto", help=GPU_HELP % (", a list (0,1), all," if several else ""))
+
+
+def visible_gpus():
+    """How many GPUs the NVIDIA driver sees here (0 without a driver)."""
+    try:
+        return len(os.listdir(NVIDIA_PROC))
+    except OSError:
+        return 0
+
+
+def parse_gpu(value, flavour, several=True, gpus=None):
     """--gpu 0|0,1|all|cpu|auto -> None for CPU or the -gpu string for Caffe."""
+    gpus = visible_gpus() if gpus is None else gpus
     if value in ("auto", None):
-        return None if flavour != "cuda" else "0"
+        return "0" if flavour == "cuda" and gpus else None
     if value == "cpu":
         return None
     if value != "all" and not re.match(r"^\d+(,\d+)*$", value):
-        raise RunError("--gpu '%s': expected an id (0), a list (0,1), all, or cpu" % value)
+        raise RunError("--gpu '%s': expected an id (0)%s or cpu" % (value, ", a list (0,1), all," if several else ""))
+    if not several and not value.isdigit():
+        raise RunError("--gpu %s: this tool runs on one GPU; pass a single id (0) or cpu" % value)
     if flavour != "cuda":
-        raise RunError("--gpu %s asked for a GPU, but this Caffe is a CPU-only build (%s); use --gpu cpu"
+        raise RunError("--gpu %s asked for a GPU, but this Caffe is a CPU-only build (%s); use --gpu cpu, or build "
+                       "the CUDA flavour: scripts/setup.sh --cuda"
                        % (value, caffe_env.read_location().get("CAFFE_ROOT", "caffe-1.0-cpu")))
+    if not gpus:
+        raise RunError("--gpu %s: no NVIDIA GPU on this machine (%s is missing: no driver); use --gpu cpu"
+                       % (value, NVIDIA_PROC))
+    wanted = [int(i) for i in value.split(",")] if value != "all" else []
+    if any(i >= gpus for i in wanted):
+        raise RunError("--gpu %s: this machine has %d GPU%s (ids 0-%d)" % (value, gpus, "s"[:gpus != 1], gpus - 1))
     return value
 
 

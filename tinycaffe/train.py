@@ -125,7 +125,8 @@ def _tee(command, log_path, record, run_dir):
     previous = signal.signal(signal.SIGINT, on_sigint)
     diverged = False
     try:
-        with open(log_path, "a") as log:
+        # Line-buffered: a run killed hard (SIGKILL, OOM) keeps every line Caffe wrote.
+        with open(log_path, "a", buffering=1) as log:
             log.write(caffelog.glog_line("tinycaffe: %s" % " ".join(command)))
             proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, bufsize=1, env=_child_env())
             for line in proc.stderr:

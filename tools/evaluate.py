@@ -24,7 +24,7 @@ def build_parser():
                    help="test-time augmentation (default center)")
     p.add_argument("--batch", type=int, default=evaluate.DEFAULT_BATCH,
                    help="images per forward (default %d)" % evaluate.DEFAULT_BATCH)
-    p.add_argument("--gpu", default="auto", help="GPU id or cpu (default auto: cpu on a CPU-only build)")
+    runs.add_gpu_argument(p)
     p.add_argument("--out", default=None, help="folder for per_class_<tta>.csv and eval_<tta>.json "
                                                "(default: the weights' run dir)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (default: show it)")
@@ -34,9 +34,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        gpu = runs.parse_gpu(args.gpu, runs.caffe_flavour())
-        if gpu and not gpu.isdigit():
-            raise evaluate.EvalError("--gpu %s: evaluation uses one GPU; pass a single id" % gpu)
+        gpu = runs.parse_gpu(args.gpu, runs.caffe_flavour(), several=False)
         labels_path = args.labels or os.path.join(os.path.dirname(os.path.normpath(args.lmdb)), "labels.txt")
         labels = data.read_labels(labels_path)
         if not os.path.isfile(args.mean):

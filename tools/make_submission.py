@@ -30,7 +30,7 @@ def build_parser():
     p.add_argument("--tta", default="center", choices=evaluate.TTA_MODES, help="test-time augmentation (default center)")
     p.add_argument("--batch", type=int, default=evaluate.DEFAULT_BATCH,
                    help="images per forward (default %d)" % evaluate.DEFAULT_BATCH)
-    p.add_argument("--gpu", default="auto", help="GPU id or cpu (default auto: cpu on a CPU-only build)")
+    runs.add_gpu_argument(p)
     p.add_argument("--out", default=None, help="submission file to write (required unless --validate)")
     p.add_argument("--top5-csv", default=None, help="also write the five best wnids and scores per image here "
                                                     "(default: none)")
@@ -83,6 +83,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     labels_path = args.labels or os.path.join(os.path.dirname(os.path.normpath(args.lmdb)), "labels.txt")
     try:
+        gpu = runs.parse_gpu(args.gpu, runs.caffe_flavour(), several=False) if not args.validate else None
         labels = data.read_labels(labels_path)
         wnids = [w for w, _ in labels]
         names = submit.expected_names(args.lmdb)
@@ -99,7 +100,6 @@ def main(argv=None):
             return 0
         if not args.model or not args.out:
             return fail("give --model DEPLOY WEIGHTS (one or more) and --out FILE, or --validate FILE")
-        gpu = runs.parse_gpu(args.gpu, runs.caffe_flavour())
         if not os.path.isfile(args.mean):
             return fail("%s: no such mean file (expected mean.binaryproto from make_lmdb.py)" % args.mean)
         mean = data.read_mean(args.mean)

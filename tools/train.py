@@ -19,8 +19,7 @@ def build_parser(prog=None, default_engine="pycaffe"):
     p = argparse.ArgumentParser(prog=prog, description=__doc__)
     p.add_argument("target", metavar="VARIANT|SOLVER",
                    help="a variant (%s) or a path to a solver.prototxt" % ", ".join(nets.VARIANTS))
-    p.add_argument("--gpu", default="auto",
-                   help="GPU id, list (0,1), all, or cpu (default auto: cpu on a CPU-only build, else 0)")
+    runs.add_gpu_argument(p, several=True)
     p.add_argument("--resume", action="store_true",
                    help="continue the newest run of this variant (or --run-dir) from its newest .solverstate "
                         "(default: start a new run)")

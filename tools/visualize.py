@@ -21,6 +21,7 @@ def build_parser():
     p.add_argument("--index", type=int, default=0, help="which record of --lmdb to show (default 0)")
     p.add_argument("--layers", type=int, default=2, help="conv layers whose maps are drawn (default 2)")
     p.add_argument("--out", default=None, help="folder for the PNGs and report.md (default: the weights' run dir)")
+    runs.add_gpu_argument(p)
     return p
 
 
@@ -28,7 +29,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     out = args.out or evaluate.run_dir_of(args.weights)
     try:
-        net = evaluate.load_net(args.deploy, args.weights, runs.parse_gpu("auto", runs.caffe_flavour()))
+        gpu = runs.parse_gpu(args.gpu, runs.caffe_flavour(), several=False)
+        net = evaluate.load_net(args.deploy, args.weights, gpu)
         if not os.path.isfile(args.mean):
             raise evaluate.EvalError("%s: no such mean file" % args.mean)
         mean = data.read_mean(args.mean)
