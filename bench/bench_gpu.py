@@ -182,11 +182,15 @@ def main(argv=None):
             model = timing_net(variant, args.batch)
             try:
                 _, net = check.parse(model)
-                row["caffe_ms"] = caffe_time(model, args.iterations, gpu)
                 row["torch_ms"], row["torch_params"] = torch_time(net, args.iterations, device)
+                try:
+                    row["caffe_ms"] = caffe_time(model, args.iterations, gpu)
+                except RuntimeError as exc:  # recorded, so one failure still leaves the other numbers
+                    row["skipped"] = "caffe time failed: %s" % str(exc).strip().splitlines()[-1][-200:]
             finally:
                 os.unlink(model)
-            row["ratio"] = row["caffe_ms"] / row["torch_ms"]
+            if "caffe_ms" in row:
+                row["ratio"] = row["caffe_ms"] / row["torch_ms"]
         record["results"].append(row)
         _print_row(row)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -207,7 +211,8 @@ def _print_row(row):
         print("| %s | %.1f | %.1f | %.2f | %s |"
               % (row["variant"], row["caffe_ms"], row["torch_ms"], row["ratio"], twin))
     else:
-        print("| %s | - | - | - | %s |" % (row["variant"], twin))
+        torch_ms = "%.1f" % row["torch_ms"] if "torch_ms" in row else "-"
+        print("| %s | - | %s | - | %s; %s |" % (row["variant"], torch_ms, twin, row.get("skipped", "")))
     sys.stdout.flush()
 
 

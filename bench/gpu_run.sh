@@ -59,6 +59,15 @@ run_on_gpu() {
   log "1. bundle, driver, device"
   cat "$bundle/MANIFEST.txt"
   nvidia-smi || true
+  # A CUDA 13 build needs a driver that supports CUDA 13 (>= 580); say so up front.
+  local driver_cuda build_cuda
+  driver_cuda="$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9.]*\).*/\1/p' | head -1)"
+  build_cuda="$(sed -n 's/.* cuda=\([0-9.]*\) .*/\1/p' "$bundle/MANIFEST.txt" | head -1)"
+  log "driver supports CUDA ${driver_cuda:-?}; the bundle is built with CUDA ${build_cuda:-?}"
+  if [ -n "$driver_cuda" ] && [ -n "$build_cuda" ] && [ "${driver_cuda%%.*}" -lt "${build_cuda%%.*}" ]; then
+    log "warning: this driver is too old for the bundle's CUDA: Caffe will not run on the GPU here;" \
+        "a CUDA ${driver_cuda%%.*} build is needed (scripts/cuda-libs/cu${driver_cuda%%.*}.txt + that toolkit's nvcc)"
+  fi
   "$bundle/check.sh" || log "check.sh found something missing (above); going on to see what still runs"
   caffe device_query -gpu 0 2>&1 | sed -n 's/.*] //p'
 

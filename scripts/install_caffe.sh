@@ -41,13 +41,14 @@ BUILD_DEPS=(cmake g++ make patch dpkg-dev pkg-config debian-archive-keyring
   libboost-system-dev libboost-thread-dev libboost-filesystem-dev libboost-python-dev
   libgoogle-glog-dev libgflags-dev libprotobuf-dev protobuf-compiler
   libhdf5-dev liblmdb-dev libsnappy-dev libopenblas-dev)
-# Modules pycaffe imports at `import caffe` (plus numpy for the build itself).
-PY_MODULES=(numpy six skimage scipy google.protobuf)
+# Modules pycaffe imports at `import caffe` (plus numpy for the build itself); patch
+# 0007 made scikit-image and scipy optional (only caffe.io's image loading uses them).
+PY_MODULES=(numpy six google.protobuf)
 
 log() { printf '[install_caffe] %s\n' "$*"; }
 die() { printf '[install_caffe] error: %s\n' "$*" >&2; exit 1; }
 
-usage() { sed -n '2,29p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
 
 FLAVOUR=""        # cpu | cuda; empty = keep the active one, else cpu
 PYTHON_BIN="${PYTHON:-}"

@@ -14,7 +14,7 @@
 # On the target: tar xf the archive anywhere, then `source caffe-1.0-<flavour>/env.sh`
 # (PATH, PYTHONPATH, and the CUDA libraries of pip's nvidia-* wheels when there) and
 # `caffe-1.0-<flavour>/check.sh` (what is missing, if anything). The target needs the
-# same Python X.Y for pycaffe (with numpy, protobuf, scikit-image), a glibc at least as
+# same Python X.Y for pycaffe (with numpy, six, protobuf), a glibc at least as
 # new as MANIFEST.txt says, and for the CUDA flavour a driver for its CUDA version.
 set -euo pipefail
 
@@ -43,7 +43,7 @@ while [ $# -gt 0 ]; do
     --prefix) PREFIX="${2:?--prefix needs a directory}"; shift ;;
     --out) OUT="${2:?--out needs a file name}"; shift ;;
     --with-cuda-libs) WITH_CUDA=1 ;;
-    -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) die "unknown option '$1' (valid: --prefix DIR, --out FILE, --with-cuda-libs, --help)" ;;
   esac
   shift
@@ -83,11 +83,11 @@ copy_tree() {  # the prefix's programs, libcaffe and pycaffe into $STAGE
   rm -rf "$STAGE/python/caffe/test"
 }
 
-collect_libs() {  # every non-system dependency of every ELF, transitively, into lib/
-  local queue=() elf soname path seen=" "
-  mapfile -t queue < <(find "$STAGE/bin" "$STAGE/lib" "$STAGE/python" -type f -name '*' | while read -r f; do is_elf "$f" && echo "$f"; done)
+collect_libs() {  # every non-system dependency of every ELF into lib/ (ldd lists them transitively)
+  local elves=() elf soname path seen=" "
+  mapfile -t elves < <(find "$STAGE/bin" "$STAGE/lib" "$STAGE/python" -type f | while read -r f; do is_elf "$f" && echo "$f"; done)
   HOST_LIBS=() MISSING=()
-  for elf in "${queue[@]}"; do
+  for elf in "${elves[@]}"; do
     while read -r soname path; do
       case "$seen" in *" $soname "*) continue ;; esac
       seen="$seen$soname "
@@ -99,7 +99,6 @@ collect_libs() {  # every non-system dependency of every ELF, transitively, into
       [[ "$soname" =~ $PYTHON_LIB ]] && { dest="$STAGE/lib/python"; PY_SONAME="$soname"; mkdir -p "$dest"; }
       cp -L "$path" "$dest/$soname"
       chmod u+w "$dest/$soname"
-      [[ "$soname" =~ $PYTHON_LIB ]] || queue+=("$dest/$soname")
     done < <(deps_of "$elf")
   done
   [ ${#MISSING[@]} -eq 0 ] || die "ldd cannot find ${MISSING[*]} for this build: fix the build before packing it"

@@ -62,9 +62,9 @@ PB2_MODULE = "caffe.proto.caffe_pb2"
 def caffe_pb2():
     """Caffe's own protobuf messages (caffe/proto/caffe_pb2.py of the built pycaffe).
 
-    Loaded from its file, without running caffe/__init__.py: that one imports
-    _caffe.so, scikit-image and scipy (0.5 s) which tools that only read and write
-    messages do not need. It is registered under its real name, so a later
+    Loaded from its file, without running caffe/__init__.py: that one loads
+    _caffe.so (libcaffe, Boost, and for the CUDA flavour the CUDA libraries), which
+    tools that only read and write messages do not need. It is registered under its real name, so a later
     `import caffe` reuses this very module (one descriptor pool, one set of classes).
     """
     if PB2_MODULE in sys.modules:
