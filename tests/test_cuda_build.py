@@ -96,7 +96,7 @@ def test_cuda_caffe_trains_in_cpu_mode_without_a_gpu(tmp_path):
     assert (tmp_path / "snap_iter_3.caffemodel").is_file()
 
 
-def test_cuda_pycaffe_computes_what_the_cpu_build_computes(caffe, repo, tmp_path):
+def test_cuda_pycaffe_computes_what_the_cpu_build_computes(caffe, repo, tmp_path, stamp):
     """The same deploy net and weights through both flavours' pycaffe, CPU mode: equal."""
     deploy = os.path.join(repo, "prototxt", "alexnet_prelu_bn", "deploy.prototxt")
     net = caffe.Net(deploy, caffe.TEST)
@@ -114,8 +114,13 @@ def test_cuda_pycaffe_computes_what_the_cpu_build_computes(caffe, repo, tmp_path
     pydir = os.path.join(PREFIX, "lib", "python3", "dist-packages")
     script = ("import numpy as np, caffe; caffe.set_mode_cpu(); "
               "n = caffe.Net(%r, caffe.TEST, weights=%r); n.blobs['data'].data[...] = np.load(%r); "
-              "np.save(%r, n.forward()['prob'])" % (deploy, str(weights), str(image), str(tmp_path / "p.npy")))
+              "np.save(%r, n.forward()['prob']); print('nccl', caffe.has_nccl())"
+              % (deploy, str(weights), str(image), str(tmp_path / "p.npy")))
     env = dict(os.environ, PYTHONPATH=pydir, GLOG_minloglevel="3")
     out = run([sys.executable, "-c", script], env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-1500:]
     np.testing.assert_allclose(np.load(tmp_path / "p.npy"), expected, rtol=1e-4, atol=1e-6)
+    # NCCL linked in means `caffe train -gpu all` and the tools' multi-GPU path work.
+    linked = "libnccl" in run(["ldd", os.path.join(PREFIX, "lib", "libcaffe.so")]).stdout
+    assert out.stdout.split()[-2:] == ["nccl", str(linked)]
+    assert linked or stamp["libs"] == "system"  # the wheels always bring NCCL
