@@ -384,7 +384,7 @@ build_caffe() {
       -DPYTHON_EXECUTABLE="$PYTHON_BIN" $(python_cmake_args) > "$work/cmake.log" 2>&1) \
     || { tail -30 "$work/cmake.log" >&2; die "cmake configure failed (log above)"; }
   if [ "$FLAVOUR" = cuda ]; then
-    log "compiling for sm_${ARCH_BIN// /, sm_} + PTX $ARCH_PTX, cuDNN $USE_CUDNN (about 10 minutes per architecture on 2 cores)"
+    log "compiling for sm_${ARCH_BIN// /, sm_} + PTX $ARCH_PTX, cuDNN $USE_CUDNN (on 2 cores: about 7 minutes for one architecture, 13 for five)"
   else
     log "compiling (this takes about 3 minutes on 2 cores)"
   fi
