@@ -202,23 +202,17 @@ def _home_with(tmp_path, flavour_active, **prefixes):
     return home
 
 
-def test_no_flavour_keeps_an_active_cuda_build(repo, tmp_path):
-    cuda_prefix = os.path.join(caffe_env.tinycaffe_home(), "caffe-1.0-cuda")
-    if not os.path.isfile(os.path.join(cuda_prefix, ".tinycaffe-build")):
-        pytest.skip("no cached CUDA build (scripts/install_caffe.sh --cuda --arch 90)")
-    home = _home_with(tmp_path, "cuda", **{"caffe-1.0-cuda": cuda_prefix})
+@pytest.mark.parametrize("prefix, message, flavour_after", [
+    ("caffe-1.0-cuda", "keeping the active CUDA build", "cuda"),   # a GPU box stays on CUDA
+    ("caffe-1.0-cpu", "cached build matches", "cpu"),              # the CUDA build is gone: CPU
+])
+def test_no_flavour_flag_keeps_the_active_build_else_cpu(repo, tmp_path, prefix, message, flavour_after):
+    """caffe.env says cuda; only `prefix` exists. No flag: reuse, never compile."""
+    real = os.path.join(caffe_env.tinycaffe_home(), prefix)
+    if not os.path.isfile(os.path.join(real, ".tinycaffe-build")):
+        pytest.skip("no cached %s build here (scripts/install_caffe.sh --%s)" % (prefix, flavour_after))
+    home = _home_with(tmp_path, "cuda", **{prefix: real})
     out = run(["bash", INSTALL, "--python", sys.executable], cwd=repo, env=dict(os.environ, TINYCAFFE_HOME=str(home)))
     assert out.returncode == 0, out.stderr
-    assert "keeping the active CUDA build" in out.stdout and "compiling" not in out.stdout
-    assert "CAFFE_FLAVOUR=cuda" in (home / "caffe.env").read_text()
-
-
-def test_no_flavour_without_a_cuda_build_takes_the_cpu_one(repo, tmp_path):
-    cpu_prefix = os.path.join(caffe_env.tinycaffe_home(), "caffe-1.0-cpu")
-    if not os.path.isfile(os.path.join(cpu_prefix, ".tinycaffe-build")):
-        pytest.skip("no CPU build here")
-    home = _home_with(tmp_path, "cuda", **{"caffe-1.0-cpu": cpu_prefix})
-    out = run(["bash", INSTALL, "--python", sys.executable], cwd=repo, env=dict(os.environ, TINYCAFFE_HOME=str(home)))
-    assert out.returncode == 0, out.stderr
-    assert "cached build matches" in out.stdout and "compiling" not in out.stdout
-    assert "CAFFE_FLAVOUR=cpu" in (home / "caffe.env").read_text()
+    assert message in out.stdout and "compiling" not in out.stdout
+    assert "CAFFE_FLAVOUR=%s" % flavour_after in (home / "caffe.env").read_text()
