@@ -264,10 +264,10 @@ link_lib_files() {  # $1 = name, $2 = include dir, $3 = lib dir
   done
 }
 
-cuobjdump_bin() {  # the toolkit's cuobjdump, else the wheel's
+cuobjdump_bin() {  # the toolkit's cuobjdump, else the wheel's (installed with the CUDA libraries)
   local c
   for c in "$CUDA_HOME/bin/cuobjdump" "$(command -v cuobjdump || true)" \
-           "$TINYCAFFE_HOME/cuda$CUDA_MAJOR-libs/wheels/nvidia/cu$CUDA_MAJOR/bin/cuobjdump"; do
+           "$CUDA_LIBS_DIR/wheels/nvidia/cu$CUDA_MAJOR/bin/cuobjdump"; do
     [ -n "$c" ] && [ -x "$c" ] && { printf '%s\n' "$c"; return 0; }
   done
   return 1
@@ -490,8 +490,10 @@ main() {
       log "CUDA $CUDA_VERSION at $CUDA_HOME; architectures sm_${ARCH_BIN// /, sm_} + PTX $ARCH_PTX"
       prepare_cuda_libs
     fi
-    if [ "$KEEP_ACTIVE" -eq 1 ] || { [ "$FORCE" -eq 0 ] && [ -f "$PREFIX/.tinycaffe-build" ] \
-        && head -1 "$PREFIX/.tinycaffe-build" | grep -qxF "$(build_stamp)"; }; then
+    if [ "$KEEP_ACTIVE" -eq 1 ]; then
+      :  # reused as it is (choose_flavour said so): no toolkit needed to compare a stamp
+    elif [ "$FORCE" -eq 0 ] && [ -f "$PREFIX/.tinycaffe-build" ] \
+        && head -1 "$PREFIX/.tinycaffe-build" | grep -qxF "$(build_stamp)"; then
       log "cached build matches ($PREFIX): nothing to build"
     else
       [ -f "$PREFIX/.tinycaffe-build" ] && log "cached build differs from what is asked: rebuilding"

@@ -64,8 +64,9 @@ def caffe_pb2():
 
     Loaded from its file, without running caffe/__init__.py: that one loads
     _caffe.so (libcaffe, Boost, and for the CUDA flavour the CUDA libraries), which
-    tools that only read and write messages do not need. It is registered under its real name, so a later
-    `import caffe` reuses this very module (one descriptor pool, one set of classes).
+    tools that only read and write messages do not need. It is registered under its
+    real name, so a later `import caffe` reuses this very module (one descriptor pool,
+    one set of classes).
     """
     if PB2_MODULE in sys.modules:
         return sys.modules[PB2_MODULE]

@@ -59,12 +59,13 @@ def read_message(path, message):
 
 # ---------------------------------------------------------------- devices
 GPU_HELP = "GPU id%s or cpu (default auto: GPU 0 on a CUDA build with a GPU, else cpu)"
+SEVERAL_GPUS = ", a list (0,1), all,"  # what train.sh/train.py accept beyond one id (NCCL)
 NVIDIA_PROC = "/proc/driver/nvidia/gpus"  # one entry per GPU the driver sees
 
 
 def add_gpu_argument(parser, several=False):
     """The same --gpu flag for every tool; several: train.sh's lists and `all` (NCCL)."""
-    parser.add_argument("--gpu", default="auto", help=GPU_HELP % (", a list (0,1), all," if several else ""))
+    parser.add_argument("--gpu", default="auto", help=GPU_HELP % (SEVERAL_GPUS if several else ""))
 
 
 def visible_gpus():
@@ -75,15 +76,17 @@ def visible_gpus():
         return 0
 
 
-def parse_gpu(value, flavour, several=True, gpus=None):
-    """--gpu 0|0,1|all|cpu|auto -> None for CPU or the -gpu string for Caffe."""
+def parse_gpu(value, flavour=None, several=True, gpus=None):
+    """--gpu 0|0,1|all|cpu|auto -> None for CPU or the -gpu string for Caffe.
+    flavour and gpus default to this machine's (the active build, the driver's GPUs)."""
+    flavour = caffe_flavour() if flavour is None else flavour
     gpus = visible_gpus() if gpus is None else gpus
     if value in ("auto", None):
         return "0" if flavour == "cuda" and gpus else None
     if value == "cpu":
         return None
     if value != "all" and not re.match(r"^\d+(,\d+)*$", value):
-        raise RunError("--gpu '%s': expected an id (0)%s or cpu" % (value, ", a list (0,1), all," if several else ""))
+        raise RunError("--gpu '%s': expected an id (0)%s or cpu" % (value, SEVERAL_GPUS if several else ""))
     if not several and not value.isdigit():
         raise RunError("--gpu %s: this tool runs on one GPU; pass a single id (0) or cpu" % value)
     if flavour != "cuda":

@@ -30,8 +30,7 @@ OPENBLAS_THREADS = str(os.cpu_count() or 1)
 def launch(args, argv):
     """The whole run from the parent's side. Returns the process exit status."""
     variant, solver_path = runs.resolve_solver(args.target)
-    flavour = runs.caffe_flavour()
-    gpu = runs.parse_gpu(args.gpu, flavour)
+    gpu = runs.parse_gpu(args.gpu)
     if gpu and ("," in gpu or gpu == "all"):
         if args.engine == "pycaffe":
             raise runs.RunError("--gpu %s: several GPUs need Caffe's NCCL path: use scripts/train.sh" % gpu)

@@ -34,7 +34,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        gpu = runs.parse_gpu(args.gpu, runs.caffe_flavour(), several=False)
+        gpu = runs.parse_gpu(args.gpu, several=False)
         labels_path = args.labels or os.path.join(os.path.dirname(os.path.normpath(args.lmdb)), "labels.txt")
         labels = data.read_labels(labels_path)
         if not os.path.isfile(args.mean):

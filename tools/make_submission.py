@@ -83,7 +83,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     labels_path = args.labels or os.path.join(os.path.dirname(os.path.normpath(args.lmdb)), "labels.txt")
     try:
-        gpu = runs.parse_gpu(args.gpu, runs.caffe_flavour(), several=False) if not args.validate else None
+        gpu = runs.parse_gpu(args.gpu, several=False) if not args.validate else None
         labels = data.read_labels(labels_path)
         wnids = [w for w, _ in labels]
         names = submit.expected_names(args.lmdb)

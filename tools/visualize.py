@@ -29,7 +29,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     out = args.out or evaluate.run_dir_of(args.weights)
     try:
-        gpu = runs.parse_gpu(args.gpu, runs.caffe_flavour(), several=False)
+        gpu = runs.parse_gpu(args.gpu, several=False)
         net = evaluate.load_net(args.deploy, args.weights, gpu)
         if not os.path.isfile(args.mean):
             raise evaluate.EvalError("%s: no such mean file" % args.mean)
