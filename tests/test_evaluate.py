@@ -50,6 +50,18 @@ def lmdb_args(t, split="val"):
     return ["--lmdb", os.path.join(t["lmdb"], split + "_lmdb"), "--mean", os.path.join(t["lmdb"], "mean.binaryproto")]
 
 
+def caffe_test_accuracies(stderr):
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"\] (accuracy_top[15]) = ([\d.e+-]+)", stderr)}
+
+
+def run_caffe_test(model, weights, iterations=1):
+    env = dict(os.environ, GLOG_logtostderr="1", GLOG_minloglevel="0")
+    out = subprocess.run([caffe_binary(), "test", "-model", model, "-weights", weights, "-iterations",
+                          str(iterations)], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return caffe_test_accuracies(out.stderr)
+
+
 def test_center_top1_equals_caffe_test(repo, trained):
     out = tool(repo, "evaluate", "--deploy", trained["deploy"], "--weights", trained["w150"], "--quiet",
                *lmdb_args(trained))
@@ -59,11 +71,11 @@ def test_center_top1_equals_caffe_test(repo, trained):
     caffe_test = subprocess.run([caffe_binary(), "test", "-model", trained["train_val"], "-weights", trained["w150"],
                                  "-iterations", "1"], capture_output=True, text=True, env=env)
     assert caffe_test.returncode == 0, caffe_test.stderr[-2000:]
-    theirs = {m.group(1): float(m.group(2))
-              for m in re.finditer(r"\] (accuracy_top[15]) = ([\d.]+)", caffe_test.stderr)}
+    theirs = caffe_test_accuracies(caffe_test.stderr)
     assert ours["images"] == 100
-    assert abs(ours["top1"] - theirs["accuracy_top1"]) <= 1 / 100.0  # within one image
-    assert abs(ours["top5"] - theirs["accuracy_top5"]) <= 1 / 100.0
+    # Equal to the digits Caffe prints (%g: 6 significant), not "within one image".
+    assert float("%g" % ours["top1"]) == theirs["accuracy_top1"]
+    assert float("%g" % ours["top5"]) == theirs["accuracy_top5"]
     assert ours["top5"] >= ours["top1"] > 0.2  # trained: well above the 0.1 chance
     rows = list(csv.DictReader(open(os.path.join(trained["run"], "per_class_center.csv"))))
     assert len(rows) == 10 and sum(int(r["images"]) for r in rows) == 100
@@ -78,6 +90,33 @@ def test_tta_modes_run(repo, trained, tta):
     assert out.returncode == 0, out.stderr
     result = json.load(open(os.path.join(trained["run"], "eval_%s.json" % tta)))
     assert result["tta"] == tta and 0 < result["top1"] <= result["top5"] <= 1
+
+
+# The views of a 64x64 image for a 60x60 crop, written out by hand: (rows, cols, mirrored).
+HAND_VIEWS = {
+    "mirror": [(slice(2, 62), slice(2, 62), False), (slice(2, 62), slice(2, 62), True)],
+    "10crop": [(slice(y, y + 60), slice(x, x + 60), f) for f in (False, True)
+               for y, x in ((0, 0), (0, 4), (4, 0), (4, 4), (2, 2))],
+}
+
+
+@pytest.mark.parametrize("tta", ["mirror", "10crop"])
+def test_tta_equals_a_direct_computation_of_the_views(trained, caffe, tta):
+    """Each image's TTA probabilities = the mean softmax of its views cut and flipped (left-right:
+    the width axis) in numpy here; a wrong flip axis or crop offset fails."""
+    net = evaluate.load_net(trained["deploy"], trained["w150"])
+    mean = data.read_mean(os.path.join(trained["lmdb"], "mean.binaryproto"))
+    val = os.path.join(trained["lmdb"], "val_lmdb")
+    pred = evaluate.predict([(net, 1.0)], val, mean, tta, batch=7)
+    direct = caffe.Net(trained["deploy"], caffe.TEST, weights=trained["w150"])
+    for i, (key, datum) in enumerate(data.iter_lmdb(val, limit=6)):
+        img = np.frombuffer(datum.data, np.uint8).reshape(3, 64, 64).astype(np.float32) - mean
+        stack = np.stack([img[:, ys, xs][:, :, ::-1] if flip else img[:, ys, xs] for ys, xs, flip in HAND_VIEWS[tta]])
+        direct.blobs["data"].reshape(*stack.shape)
+        probs = direct.forward(data=stack)["prob"]
+        assert pred.keys[i] == key
+        np.testing.assert_allclose(pred.probs[i], probs.mean(axis=0), rtol=1e-5, atol=1e-7)
+        assert not np.allclose(probs[0], probs[-1])  # the views differ, so the check has teeth
 
 
 def test_crop_offsets():
@@ -160,7 +199,8 @@ def test_validate_accepts_a_good_file(repo, trained, good_submission):
 
 
 @pytest.mark.parametrize("edit, needle", [
-    (lambda ls: ls[:5] + ls[6:], "1 test images missing, first test_5.JPEG"),
+    (lambda ls: ls[:5] + ls[6:], "1 test images missing"),
+    (lambda ls: ls[:5] + ls[7:], "bad.txt: missing test_6.JPEG"),
     (lambda ls: ls[:6] + [ls[5]] + ls[6:], ":7: test_5.JPEG again (first on line 6)"),
     (lambda ls: ls[:3] + ["test_3.JPEG n99999999\n"] + ls[4:], ":4: unknown wnid n99999999"),
     (lambda ls: ls[:2] + ["test_2.JPEG\n"] + ls[3:], ":3: malformed line 'test_2.JPEG'"),
@@ -211,5 +251,169 @@ def test_lmdb_of_another_dataset_is_refused(repo, trained, tmp_path):
     out = tool(repo, "make_submission", "--model", trained["deploy"], trained["w150"], "--lmdb",
                str(tmp_path / "olmdb" / "test_lmdb"), "--mean", os.path.join(trained["lmdb"], "mean.binaryproto"),
                "--out", str(tmp_path / "s.txt"))
-    assert out.returncode == 1 and "has 10 classes but" in out.stderr and "lists 6" in out.stderr
+    assert out.returncode == 1 and "has 10 class outputs but" in out.stderr and "lists 6 classes" in out.stderr
     assert not (tmp_path / "s.txt").exists()
+
+
+# ---------------------------------------------------------------- Caffe's top-k rule, ties included
+def accuracy_net(tmp_path, n, classes, k):
+    path = tmp_path / ("accuracy_top%d.prototxt" % k)
+    path.write_text('layer { name: "scores" type: "Input" top: "scores" top: "label" input_param { shape { dim: %d '
+                    'dim: %d } shape { dim: %d } } }\n'
+                    'layer { name: "acc" type: "Accuracy" bottom: "scores" bottom: "label" top: "acc" '
+                    'accuracy_param { top_k: %d } }\n' % (n, classes, n, k))
+    return str(path)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_topk_equals_caffes_accuracy_layer_with_ties_and_nans(caffe, tmp_path, k):
+    """Scores from a small set of values (many ties), some NaN: the same fraction as Caffe's layer."""
+    rng = np.random.RandomState(k)
+    scores = rng.randint(0, 3, size=(200, 6)).astype(np.float32)
+    scores[:3] = 0.0  # all tied
+    scores[3:6, 2] = np.nan  # NaN true scores (labels below are 2 there)
+    scores[6:9, 0] = np.nan  # NaN rivals
+    labels = rng.randint(0, 6, size=200)
+    labels[3:6] = 2
+    net = caffe.Net(accuracy_net(tmp_path, 200, 6, k), caffe.TEST)
+    net.blobs["scores"].data[...] = scores
+    net.blobs["label"].data[...] = labels
+    theirs = float(net.forward()["acc"])
+    ours = evaluate.topk_accuracy(scores, labels, k)
+    assert np.float32(ours) == np.float32(theirs)
+    assert evaluate.topk_accuracy(np.zeros((4, 6), np.float32), np.arange(4), k) == 0.0  # a tie is wrong
+    assert evaluate.topk_accuracy(np.zeros((0, 6), np.float32), np.zeros(0, np.int64), k) == 0.0
+
+
+@pytest.fixture(scope="module")
+def zeroed(trained, caffe):
+    """The trained model with every weight and bias set to zero: every class scores the same."""
+    net = caffe.Net(trained["deploy"], caffe.TEST, weights=trained["w150"])
+    for params in net.params.values():
+        for blob in params:
+            blob.data[...] = 0
+    path = os.path.join(str(trained["root"]), "zeroed.caffemodel")
+    net.save(path)
+    return path
+
+
+def test_ties_count_against_the_label_as_in_caffe_test(repo, trained, zeroed, tmp_path):
+    theirs = run_caffe_test(trained["train_val"], zeroed)
+    assert theirs == {"accuracy_top1": 0.0, "accuracy_top5": 0.0}
+    out = tool(repo, "evaluate", "--deploy", trained["deploy"], "--weights", zeroed, "--quiet",
+               "--out", str(tmp_path), *lmdb_args(trained))
+    assert out.returncode == 0, out.stderr
+    ours = json.load(open(tmp_path / "eval_center.json"))
+    assert (ours["top1"], ours["top5"]) == (0.0, 0.0) and "top-1 0.0000  top-5 0.0000" in out.stdout
+    rows = list(csv.DictReader(open(tmp_path / "per_class_center.csv")))
+    assert {r["top1"] for r in rows} == {"0.0000"}
+    out = tool(repo, "make_submission", "--model", trained["deploy"], zeroed, "--model", trained["deploy"], zeroed,
+               *lmdb_args(trained, "test"), "--out", str(tmp_path / "s.txt"),
+               "--val-lmdb", os.path.join(trained["lmdb"], "val_lmdb"))
+    assert out.returncode == 0, out.stderr
+    assert re.findall(r"val top-1 ([\d.]+)", out.stdout) == ["0.0000"] * 3
+
+
+# ---------------------------------------------------------------- data that does not fit the model
+@pytest.fixture(scope="module")
+def small_images(trained, tmp_path_factory):
+    """The same 10 classes, as 32x32 LMDBs: smaller than the model's 60x60 crop."""
+    root = tmp_path_factory.mktemp("small")
+    ds = str(root / "tiny-imagenet-200")
+    sample_data.generate(ds, classes=10, train=4, val=2, test=2, seed=3)
+    data.make_lmdbs(ds, str(root / "lmdb"), workers=1, size=32)
+    return str(root / "lmdb")
+
+
+@pytest.mark.parametrize("name", ["evaluate", "visualize", "make_submission"])
+def test_images_smaller_than_the_crop_are_refused(repo, trained, small_images, name, tmp_path):
+    split = "test" if name == "make_submission" else "val"
+    model = (["--model", trained["deploy"], trained["w150"], "--out", str(tmp_path / "s.txt")]
+             if name == "make_submission" else ["--deploy", trained["deploy"], "--weights", trained["w150"],
+                                                "--out", str(tmp_path)])
+    out = tool(repo, name, *model, "--lmdb", os.path.join(small_images, split + "_lmdb"))
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "crops 60x60 but the images of" in out.stderr and "are 32x32" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_visualize_refuses_a_mean_of_another_size(repo, trained, small_images, tmp_path):
+    out = tool(repo, "visualize", "--deploy", trained["deploy"], "--weights", trained["w150"], "--out",
+               str(tmp_path), "--lmdb", os.path.join(trained["lmdb"], "val_lmdb"), "--mean",
+               os.path.join(small_images, "mean.binaryproto"))
+    assert out.returncode == 1
+    assert "mean.binaryproto is 3x32x32 but the images of" in out.stderr and "are 3x64x64" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_visualize_refuses_another_class_count(repo, trained, tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(open(os.path.join(trained["lmdb"], "labels.txt")).readlines()[:5]))
+    out = tool(repo, "visualize", "--deploy", trained["deploy"], "--weights", trained["w150"], "--out",
+               str(tmp_path), *lmdb_args(trained), "--labels", str(labels))
+    assert out.returncode == 1 and "has 10 class outputs but" in out.stderr and "lists 5 classes" in out.stderr
+
+
+# ---------------------------------------------------------------- submissions of incomplete test sets
+@pytest.fixture(scope="module")
+def skipped_test_image(trained, tmp_path_factory):
+    """A copy of the sample whose test_3.JPEG cannot be decoded, converted with --skip-bad."""
+    root = tmp_path_factory.mktemp("skip")
+    ds = str(root / "tiny-imagenet-200")
+    sample_data.generate(ds, classes=10, train=2, val=1, test=2, seed=6)
+    with open(os.path.join(ds, "test", "images", "test_3.JPEG"), "wb") as f:
+        f.write(b"not a jpeg")
+    data.make_lmdbs(ds, str(root / "lmdb"), workers=1, skip_bad=True, splits=["test"])
+    return str(root / "lmdb")
+
+
+def test_submission_of_an_incomplete_test_lmdb(repo, trained, skipped_test_image, tmp_path):
+    test = ["--lmdb", os.path.join(skipped_test_image, "test_lmdb"), "--mean",
+            os.path.join(trained["lmdb"], "mean.binaryproto"), "--labels", os.path.join(trained["lmdb"], "labels.txt")]
+    out_file = tmp_path / "s.txt"
+    out = tool(repo, "make_submission", "--model", trained["deploy"], trained["w150"], *test, "--out", str(out_file))
+    assert out.returncode == 1 and not out_file.exists()
+    assert "lacks 1 of the 20 test images of its manifest (first test_3.JPEG" in out.stderr
+    assert "--allow-missing" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    out = tool(repo, "make_submission", "--model", trained["deploy"], trained["w150"], *test, "--out", str(out_file),
+               "--allow-missing")
+    assert out.returncode == 0, out.stderr
+    assert "19 lines" in out.stdout and "1 test images missing (--allow-missing): first test_3.JPEG" in out.stdout
+    out = tool(repo, "make_submission", "--validate", str(out_file), *test[:2], *test[4:])
+    assert out.returncode == 1
+    assert "s.txt: 1 test images missing" in out.stderr and "s.txt: missing test_3.JPEG" in out.stderr
+
+
+# ---------------------------------------------------------------- one-line errors before any long work
+def one_line_error(out, needle):
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert needle in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr, out.stderr
+
+
+def test_one_line_errors(repo, trained, tmp_path):
+    nowhere = str(tmp_path / "no_such.caffemodel")  # never opened: each check comes first
+    val, test = lmdb_args(trained), lmdb_args(trained, "test")
+    one_line_error(tool(repo, "make_submission", "--model", trained["deploy"], nowhere, *test,
+                        "--out", str(tmp_path / "NO_SUCH_DIR" / "sub.txt")), "--out %s" % tmp_path)
+    one_line_error(tool(repo, "make_submission", "--model", trained["deploy"], nowhere, *val,
+                        "--out", str(tmp_path / "s.txt")), "its records are labelled (a val or train LMDB)")
+    one_line_error(tool(repo, "make_submission", "--validate", str(tmp_path / "s.txt"), *val),
+                   "needs the unlabelled test LMDB")
+    one_line_error(tool(repo, "evaluate", "--deploy", trained["deploy"], "--weights", nowhere, *test),
+                   "a test LMDB (unlabelled records, label -1); evaluate.py needs a labelled one")
+    one_line_error(tool(repo, "evaluate", "--deploy", trained["deploy"], "--weights", nowhere, *val, "--batch", "0"),
+                   "--batch 0: expected images per forward >= 1")
+    one_line_error(tool(repo, "make_submission", "--model", trained["deploy"], nowhere, *test, "--batch", "0",
+                        "--out", str(tmp_path / "s.txt")), "--batch 0: expected images per forward >= 1")
+    one_line_error(tool(repo, "lmdb_info", str(tmp_path / "missing_lmdb")), "missing_lmdb: no such LMDB directory")
+
+
+def test_mean_and_labels_default_to_the_ones_beside_the_lmdb(repo, trained, tmp_path):
+    """From another directory, with only --lmdb: X/mean.binaryproto and X/labels.txt are used."""
+    out = subprocess.run([sys.executable, os.path.join(repo, "tools", "evaluate.py"), "--deploy", trained["deploy"],
+                          "--weights", trained["w150"], "--quiet", "--lmdb",
+                          os.path.join(trained["lmdb"], "val_lmdb"), "--out", "here"],
+                         cwd=str(tmp_path), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "here" / "eval_center.json").is_file()  # --out relative to the user's directory

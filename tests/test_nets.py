@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from tinycaffe import data, gen, nets, sample_data
+from tinycaffe import data, evaluate, gen, nets, sample_data
 from tinycaffe.caffe_env import caffe_pb2
 
 CLASSES = 6
@@ -52,7 +52,13 @@ def test_variant_instantiates_and_trains_one_step(caffe, generated, name):
     assert np.abs(net.params[first_conv][0].diff).sum() > 0
     test_net = caffe.Net(path_of(generated, name, "train_val"), caffe.TEST)
     result = test_net.forward()
-    assert 0 <= float(result["accuracy_top1"]) <= float(result["accuracy_top5"]) <= 1
+    # The TEST net's accuracies are Caffe's Accuracy layer on this batch's scores; evaluate.py's
+    # rule on the same scores must give the same numbers (a tie rule or top-k mix-up fails).
+    scores = test_net.blobs[test_net.bottom_names["accuracy_top1"][0]].data
+    labels = test_net.blobs["label"].data.astype(np.int64)
+    assert scores.shape == (12, CLASSES) and sorted(set(labels.tolist())) == list(range(CLASSES))
+    for k, key in ((1, "accuracy_top1"), (5, "accuracy_top5")):
+        assert np.float32(evaluate.topk_accuracy(scores, labels, k)) == np.float32(result[key])
     deploy = caffe.Net(path_of(generated, name, "deploy"), caffe.TEST)
     prob = deploy.forward(data=np.zeros((1, 3, 60, 60), np.float32))["prob"]
     assert prob.shape == (1, CLASSES)
@@ -126,6 +132,7 @@ def test_alexnet_is_caffes_alexnet(generated):
     assert layers["fc6"].inner_product_param.weight_filler.std == pytest.approx(0.005)
     assert layers["conv2"].convolution_param.bias_filler.value == pytest.approx(0.1)
     assert [(p.lr_mult, p.decay_mult) for p in layers["conv1"].param] == [(1, 1), (2, 0)]
+    assert nets.variant("alexnet").batch_size == 256  # bvlc_alexnet's batch, as the README says
 
 
 def test_alexnet_small_no_lrn_small_pools_mostly_3x3(generated):

@@ -26,7 +26,8 @@ def test_parse_gpu_accepts(value, flavour, gpus, expected):
 @pytest.mark.parametrize("value, flavour, gpus, several, message", [
     ("gpu0", "cuda", 1, True, "--gpu 'gpu0': expected an id (0), a list (0,1), all, or cpu"),
     ("0", "cpu", 1, True, "--gpu 0 asked for a GPU, but this Caffe is a CPU-only build"),
-    ("0", "cuda", 0, True, "--gpu 0: no NVIDIA GPU on this machine (/proc/driver/nvidia/gpus is missing"),
+    ("0", "cuda", 0, True, "--gpu 0: CUDA sees no GPU here (no nvidia-smi, no GPU in `nvidia-smi -L`, or "
+                           "CUDA_VISIBLE_DEVICES="),
     ("2", "cuda", 2, True, "--gpu 2: this machine has 2 GPUs (ids 0-1)"),
     ("0,1", "cuda", 2, False, "--gpu 0,1: this tool runs on one GPU; pass a single id (0) or cpu"),
     ("all", "cuda", 2, False, "--gpu all: this tool runs on one GPU"),

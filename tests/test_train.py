@@ -15,7 +15,7 @@ import pytest
 from google.protobuf import text_format
 from PIL import Image
 
-from tinycaffe import data, gen, runs, sample_data
+from tinycaffe import data, gen, runs, sample_data, train
 from tinycaffe.caffe_env import caffe_pb2
 
 
@@ -44,7 +44,8 @@ def make_solver(lmdb_dir, folder, **overrides):
 
 
 def run(repo, cmd, **kw):
-    return subprocess.run(cmd, cwd=repo, capture_output=True, text=True, **kw)
+    kw.setdefault("cwd", repo)
+    return subprocess.run(cmd, capture_output=True, text=True, **kw)
 
 
 def only_run_dir(root):
@@ -82,6 +83,21 @@ def test_train_sh_cpu_run_dir_and_accuracy(repo, lmdb_dir, tmp_path):
     assert report.returncode == 0 and "| `tiny` | finished | 300 |" in report.stdout
 
 
+def kill_after_snapshot(repo, command, runs_root, iteration, env=None):
+    """Start a CPU run, SIGKILL its whole process group once the snapshot at `iteration` exists
+    (a crash, an OOM kill, a reboot); -> the run dir."""
+    proc = subprocess.Popen(command + ["--gpu", "cpu", "--runs-root", str(runs_root)], env=env, cwd=repo,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not glob.glob(str(runs_root / ("tiny/*/snapshots/*_iter_%d.solverstate"
+                                                                       % iteration))):
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return only_run_dir(runs_root)
+
+
 def test_resume_after_sigkill_continues_the_same_schedule(repo, lmdb_dir, tmp_path):
     sched = dict(max_iter=100, test_interval=50, stepsize=30, snapshot=20, display=10)
     reference = make_solver(lmdb_dir, tmp_path / "ref", **sched)
@@ -90,15 +106,7 @@ def test_resume_after_sigkill_continues_the_same_schedule(repo, lmdb_dir, tmp_pa
     expected = logged_lrs(os.path.join(only_run_dir(tmp_path / "ref_runs"), "caffe.log"))
 
     solver = make_solver(lmdb_dir, tmp_path / "p", **sched)
-    proc = subprocess.Popen(["bash", "scripts/train.sh", solver, "--gpu", "cpu", "--runs-root", str(tmp_path / "runs")],
-                            cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not glob.glob(str(tmp_path / "runs/tiny/*/snapshots/*_iter_20.solverstate")):
-        time.sleep(0.05)
-    time.sleep(0.3)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    run_dir = only_run_dir(tmp_path / "runs")
+    run_dir = kill_after_snapshot(repo, ["bash", "scripts/train.sh", solver], tmp_path / "runs", 20)
     assert not os.path.exists(os.path.join(run_dir, "snapshots", "tiny_iter_100.caffemodel"))
 
     out = run(repo, ["bash", "scripts/train.sh", solver, "--gpu", "cpu", "--resume", "--runs-root",
@@ -203,8 +211,68 @@ def test_plateau_needs_the_pycaffe_engine(repo, lmdb_dir, tmp_path):
     assert out.returncode == 2 and "--anneal plateau needs --engine pycaffe" in out.stderr
 
 
+@pytest.mark.parametrize("engine", ["binary", "pycaffe"])
+def test_divergence_stops_with_a_clear_message(repo, lmdb_dir, tmp_path, engine):
+    solver = make_solver(lmdb_dir, tmp_path / "p", base_lr=1e5, max_iter=200, display=1, snapshot=2)
+    out = run(repo, [sys.executable, "tools/train.py", solver, "--gpu", "cpu", "--engine", engine,
+                     "--runs-root", str(tmp_path / "runs")])
+    assert out.returncode == 3, out.stderr[-2000:]
+    assert "the loss diverged at iteration" in out.stderr
+    run_dir = only_run_dir(tmp_path / "runs")
+    record = json.load(open(os.path.join(run_dir, "run.json")))
+    assert record["status"] == "diverged" and record["final"]["iterations"] < 200
+    first_bad = record["final"]["first_bad_iteration"]
+    losses = {int(m.group(1)): float(m.group(2)) for m in re.finditer(
+        r"Iteration (\d+) \([^)]*\), loss = ([-+\w.]+)", open(os.path.join(run_dir, "caffe.log")).read())}
+    assert not np.isfinite(losses[first_bad]) or losses[first_bad] >= 87.3
+    assert all(np.isfinite(v) and v < 87.3 for it, v in losses.items() if it < first_bad)
+    snapshots = glob.glob(os.path.join(run_dir, "snapshots", "*_iter_*"))
+    assert all(runs.snapshot_iteration(p) < first_bad for p in snapshots), (first_bad, snapshots)
+    for model in (p for p in snapshots if p.endswith(".caffemodel")):
+        net = caffe_pb2().NetParameter()
+        net.ParseFromString(open(model, "rb").read())
+        assert all(np.isfinite(np.asarray(b.data)).all() for layer in net.layer for b in layer.blobs), model
+    kept = record["final"]["last_good_snapshot"]
+    if kept:
+        assert "Last good snapshot: %s" % kept in out.stderr and os.path.isfile(kept)
+    else:
+        assert "No good snapshot remains" in out.stderr and not snapshots
+
+
+# ---------------------------------------------------------------- every run ends with a validation
 @pytest.mark.parametrize("tool", [["bash", "scripts/train.sh"], [sys.executable, "tools/train.py"]])
-def test_ctrl_c_snapshots_and_leaves_a_resumable_run(repo, lmdb_dir, tmp_path, tool):
+def test_every_run_ends_with_a_validation_at_its_true_last_iteration(repo, lmdb_dir, tmp_path, tool):
+    solver = make_solver(lmdb_dir, tmp_path / "p", max_iter=50, test_interval=40, display=20, snapshot=0)
+    out = run(repo, tool + [solver, "--gpu", "cpu", "--runs-root", str(tmp_path / "runs")])
+    assert out.returncode == 0, out.stderr[-2000:]
+    run_dir = only_run_dir(tmp_path / "runs")
+    test = list(csv.DictReader(open(os.path.join(run_dir, "test.csv"))))
+    assert [int(r["NumIters"]) for r in test] == [40, 50]
+    record = json.load(open(os.path.join(run_dir, "run.json")))
+    assert record["final"]["iterations"] == 50 and record["final"]["tested_at"] == 50
+    assert record["final"]["accuracy_top1"] == float(test[-1]["accuracy_top1"])
+    assert "finished after 50 iterations, val top-1 %.4f at iteration 50" % record["final"]["accuracy_top1"] \
+        in out.stderr
+
+
+def test_generated_test_interval_never_passes_max_iter(tmp_path):
+    cfg = gen.GenConfig(out=str(tmp_path), lmdb_dir="x", mode="cpu", num_classes=10, val_size=200, max_iter=800)
+    gen.generate(["tiny"], cfg)
+    s = caffe_pb2().SolverParameter()
+    text_format.Merge(open(tmp_path / "tiny" / "solver.prototxt").read(), s)
+    assert (s.max_iter, s.test_interval) == (800, 800)
+
+
+# ---------------------------------------------------------------- Ctrl-C and SIGTERM (Slurm, docker stop, systemd)
+TRAIN_SH, TRAIN_PY = ["bash", "scripts/train.sh"], [sys.executable, "tools/train.py"]
+
+
+@pytest.mark.parametrize("tool, sig, whom", [
+    (TRAIN_SH, signal.SIGINT, "group"), (TRAIN_PY, signal.SIGINT, "group"),  # Ctrl-C: the foreground group
+    (TRAIN_SH, signal.SIGTERM, "group"), (TRAIN_PY, signal.SIGTERM, "group"),  # Slurm, systemd: every process
+    (TRAIN_SH, signal.SIGTERM, "parent"),  # docker stop, kill PID: the process train.sh became
+])
+def test_signal_snapshots_and_leaves_a_resumable_run(repo, lmdb_dir, tmp_path, tool, sig, whom):
     solver = make_solver(lmdb_dir, tmp_path / "p", max_iter=2000, display=10)
     proc = subprocess.Popen(tool + [solver, "--gpu", "cpu", "--runs-root", str(tmp_path / "runs")],
                             cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -214,23 +282,151 @@ def test_ctrl_c_snapshots_and_leaves_a_resumable_run(repo, lmdb_dir, tmp_path, t
         line = proc.stderr.readline()
         assert line, "training ended before iteration 20"
         seen += line
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group gets it
+    t0 = time.time()
+    if whom == "group":
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     proc.stderr.read()
     assert proc.wait() == 130
+    assert time.time() - t0 < 10  # well inside the usual 10-30 s grace period
     run_dir = only_run_dir(tmp_path / "runs")
     record = json.load(open(os.path.join(run_dir, "run.json")))
     assert record["status"] == "interrupted" and 20 <= record["final"]["iterations"] < 2000
     states = glob.glob(os.path.join(run_dir, "snapshots", "*.solverstate"))
-    assert len(states) == 1  # written by Caffe's -sigint_effect snapshot
+    assert len(states) == 1 and runs.snapshot_iteration(states[0]) == record["final"]["iterations"]
     assert all(os.path.isfile(os.path.join(run_dir, f)) for f in ("train.csv", "test.csv", "curves.png"))
 
 
-@pytest.mark.parametrize("engine", ["binary", "pycaffe"])
-def test_divergence_stops_with_a_clear_message(repo, lmdb_dir, tmp_path, engine):
-    solver = make_solver(lmdb_dir, tmp_path / "p", base_lr=1e5, max_iter=200, display=1, snapshot=2)
-    out = run(repo, [sys.executable, "tools/train.py", solver, "--gpu", "cpu", "--engine", engine,
-                     "--runs-root", str(tmp_path / "runs")])
-    assert out.returncode == 3, out.stderr[-2000:]
-    assert "the loss diverged" in out.stderr
-    record = json.load(open(os.path.join(only_run_dir(tmp_path / "runs"), "run.json")))
-    assert record["status"] == "diverged" and record["final"]["iterations"] < 200
+# ---------------------------------------------------------------- resume continues the data stream
+def logged_losses(text):
+    return {int(m.group(1)): float(m.group(2))
+            for m in re.finditer(r"Iteration (\d+) \([^)]*\), loss = ([\d.e+-]+)", text)}
+
+
+@pytest.mark.parametrize("tool", [["bash", "scripts/train.sh"], [sys.executable, "tools/train.py"]])
+def test_resume_is_exact_without_random_crops(repo, lmdb_dir, tmp_path, tool):
+    """Mirror and random crop off, one BLAS thread: after SIGKILL and --resume, the loss at every
+    logged iteration equals the uninterrupted run's, so losing the weights, the momentum or the
+    data position (600 records, batch 32: the resume at 20 starts at record 40 of the 2nd pass) fails."""
+    sched = dict(max_iter=40, test_interval=40, stepsize=30, snapshot=20, display=1)
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+
+    def deterministic(folder):
+        path = make_solver(lmdb_dir, folder, **sched)
+        net_path = os.path.join(str(folder), "tiny", "train_val.prototxt")
+        net = caffe_pb2().NetParameter()
+        text_format.Merge(open(net_path).read(), net)
+        for layer in net.layer[:2]:
+            layer.transform_param.mirror = False
+            layer.transform_param.crop_size = 60  # random offset in [0, 0]: the LMDB below is 60x60
+        open(net_path, "w").write(text_format.MessageToString(net))
+        return path
+
+    lmdb60 = str(tmp_path / "lmdb60")
+    ds = os.path.join(os.path.dirname(lmdb_dir), "tiny-imagenet-200")
+    data.make_lmdbs(ds, lmdb60, workers=2, size=60, splits=["train", "val"])
+    lmdb_dir = lmdb60
+    reference = deterministic(tmp_path / "ref")
+    out = run(repo, tool + [reference, "--gpu", "cpu", "--runs-root", str(tmp_path / "ref_runs")], env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    expected = logged_losses(open(os.path.join(only_run_dir(tmp_path / "ref_runs"), "caffe.log")).read())
+    assert sorted(expected) == list(range(40))
+
+    solver = deterministic(tmp_path / "p")
+    run_dir = kill_after_snapshot(repo, tool + [solver], tmp_path / "runs", 20, env)
+    assert not os.path.exists(os.path.join(run_dir, "snapshots", "tiny_iter_40.caffemodel"))
+    out = run(repo, tool + [solver, "--gpu", "cpu", "--resume", "--runs-root", str(tmp_path / "runs")], env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    log = open(os.path.join(run_dir, "caffe.log")).read()
+    resuming = [m.start() for m in re.finditer(r"\] tinycaffe: /\S+", log)][-1]  # the child command lines
+    resumed = logged_losses(log[resuming:])
+    assert sorted(resumed) == list(range(20, 40))
+    for it, loss in resumed.items():
+        assert loss == pytest.approx(expected[it], rel=1e-5, abs=1e-6), (it, loss, expected[it])
+    assert "skipped 40 records (start_offset)" in log
+
+
+# ---------------------------------------------------------------- nets that do not fit their data
+def test_class_count_mismatch_refused_before_caffe(repo, lmdb_dir, tmp_path):
+    """tiny generated for 5 classes on the 10-class LMDB: labels 5..9 would write out of bounds."""
+    cfg = gen.GenConfig(out=str(tmp_path / "p"), lmdb_dir=lmdb_dir, mode="cpu", num_classes=5, val_size=200,
+                        max_iter=20)
+    gen.generate(["tiny"], cfg)
+    solver = str(tmp_path / "p" / "tiny" / "solver.prototxt")
+    for tool in (["bash", "scripts/train.sh"], [sys.executable, "tools/train.py"]):
+        out = run(repo, tool + [solver, "--gpu", "cpu", "--runs-root", str(tmp_path / "runs")])
+        assert out.returncode == 1, out.stderr[-2000:]
+        assert "has 5 class outputs but %s lists 10 classes" % os.path.join(lmdb_dir, "labels.txt") in out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+    out = run(repo, [sys.executable, "tools/gen_prototxt.py", "--check", str(tmp_path / "p" / "tiny" / "train_val.prototxt")])
+    assert out.returncode == 1 and "has 5 class outputs but" in out.stderr and "1 problem(s)" in out.stdout
+    deploy = str(tmp_path / "p" / "tiny" / "deploy.prototxt")
+    out = run(repo, [sys.executable, "tools/gen_prototxt.py", "--check", deploy, "--lmdb-dir", lmdb_dir])
+    assert out.returncode == 1 and "has 5 class outputs but" in out.stderr
+
+
+def test_images_smaller_than_the_crop_refused_before_caffe(repo, lmdb_dir, tmp_path):
+    small = str(tmp_path / "lmdb32")
+    data.make_lmdbs(os.path.join(os.path.dirname(lmdb_dir), "tiny-imagenet-200"), small, workers=2, size=32,
+                    splits=["train", "val"])
+    solver = make_solver(small, tmp_path / "p", max_iter=20)
+    out = run(repo, ["bash", "scripts/train.sh", solver, "--gpu", "cpu", "--runs-root", str(tmp_path / "runs")])
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "crops 60x60 but the images of %s are 32x32" % os.path.join(small, "train_lmdb") in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    out = run(repo, [sys.executable, "tools/gen_prototxt.py", "--check", str(tmp_path / "p" / "tiny" / "train_val.prototxt")])
+    assert out.returncode == 1 and "crops 60x60 but the images of" in out.stderr
+
+
+# ---------------------------------------------------------------- paths are the user's, variants work anywhere
+def test_paths_are_relative_to_the_users_directory(repo, lmdb_dir, tmp_path):
+    """From another directory: a relative solver path, --run-dir and --weights are the user's;
+    the run dir holds absolute data paths, so it resumes from anywhere too."""
+    work = tmp_path / "work"
+    work.mkdir()
+    make_solver(lmdb_dir, work / "my", max_iter=20, test_interval=20, display=10)
+    train_sh = os.path.join(repo, "scripts", "train.sh")
+    out = run(repo, ["bash", train_sh, "my/tiny/solver.prototxt", "--gpu", "cpu", "--run-dir", "r1"], cwd=str(work))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (work / "r1" / "snapshots" / "tiny_iter_20.caffemodel").is_file()
+    out = run(repo, ["bash", train_sh, "my/tiny/solver.prototxt", "--gpu", "cpu", "--run-dir", "r2",
+                     "--weights", "r1/snapshots/tiny_iter_20.caffemodel"], cwd=str(tmp_path / "work"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.load(open(work / "r2" / "run.json"))["status"] == "finished"
+    out = run(repo, ["bash", train_sh, "tiny", "--resume", "--run-dir", "NO_SUCH_DIR"], cwd=str(work))
+    assert out.returncode == 1 and out.stderr.strip() == (
+        "train.sh: error: --run-dir NO_SUCH_DIR: no such directory (expected a run directory made by train.sh "
+        "or train.py)")
+
+
+def test_variant_names_work_from_any_directory(repo, tmp_path):
+    """Outside the repo, `tiny` is the repo's prototxt/tiny: the error is about its data, not the name."""
+    if os.path.isdir(os.path.join(repo, "data", "lmdb", "train_lmdb")):
+        pytest.skip("data/lmdb exists on this machine")
+    out = run(repo, [sys.executable, os.path.join(repo, "tools", "train.py"), "tiny", "--gpu", "cpu",
+                     "--runs-root", str(tmp_path / "runs")], cwd=str(tmp_path))
+    assert out.returncode == 1 and "unknown variant" not in out.stderr
+    assert "%s: layer 'data' reads %s" % (os.path.join(repo, "prototxt", "tiny", "train_val.prototxt"),
+                                          os.path.join(repo, "data", "lmdb", "train_lmdb")) in out.stderr
+
+
+# ---------------------------------------------------------------- plateau annealing, decision by decision
+def test_an_improving_run_is_never_annealed():
+    best, waits = -1.0, 0
+    for top1 in (0.10, 0.15, 0.19, 0.30, 0.31):
+        action, best, waits = train.plateau_step(top1, best, waits, 0.002, 1, 0, 3)
+        assert action == "improved" and best == top1 and waits == 0
+
+
+@pytest.mark.parametrize("history, patience, anneals, max_anneals, actions", [
+    ([0.3, 0.3, 0.3], 2, 0, 3, ["improved", "wait", "anneal"]),      # patience 2: the 2nd flat test anneals
+    ([0.3, 0.301, 0.4], 1, 0, 3, ["improved", "anneal", "improved"]),  # +0.001 < min_delta is no improvement
+    ([0.3, 0.2], 1, 3, 3, ["improved", "stop"]),                       # after max_anneals a plateau stops
+])
+def test_plateau_decisions(history, patience, anneals, max_anneals, actions):
+    best, waits, got = -1.0, 0, []
+    for top1 in history:
+        action, best, waits = train.plateau_step(top1, best, waits, 0.002, patience, anneals, max_anneals)
+        got.append(action)
+    assert got == actions

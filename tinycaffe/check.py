@@ -18,6 +18,7 @@ import tempfile
 
 from google.protobuf import text_format
 
+from . import data, fit
 from .caffe_env import caffe_pb2
 from .files import PrototxtError, parse_prototxt
 
@@ -235,7 +236,37 @@ def check_solver(path, message):
     return summary, problems
 
 
-def check_files(paths, out=print):
+def input_side(net):
+    """The crop a deploy net expects (its Input layer's last dim), or 0."""
+    for layer in net.layer:
+        if layer.type == "Input" and layer.input_param.shape:
+            return layer.input_param.shape[0].dim[-1]
+    return 0
+
+
+def check_fit(path, net, lmdb_dir=None):
+    """Problems where the net does not fit its data: its Data layers' own LMDBs, and with
+    lmdb_dir (gen_prototxt.py --lmdb-dir) that folder's labels.txt and train images too."""
+    problems = []
+    try:
+        fit.check_data_layers(net, path)
+        if lmdb_dir:
+            lmdb = os.path.join(lmdb_dir, "train_lmdb")
+            found = fit.net_classes(net)
+            if found:
+                labels = os.path.join(lmdb_dir, "labels.txt")
+                fit.check_classes(found[0], "%s (layer '%s')" % (path, found[1]), lmdb,
+                                  labels if os.path.isfile(labels) else None)
+            crops = [layer.transform_param.crop_size for layer in net.layer if layer.type in DATA_LAYER_TYPES]
+            if os.path.isfile(os.path.join(lmdb, "data.mdb")):
+                for crop in crops or [input_side(net)]:
+                    fit.check_crop(crop, path, lmdb)
+    except (fit.FitError, data.DataError) as exc:
+        problems.append(str(exc))
+    return problems
+
+
+def check_files(paths, out=print, lmdb_dir=None):
     """Check every file; print tables and problems; return the list of problems."""
     problems, nets = [], {}
     for path in paths:
@@ -249,6 +280,7 @@ def check_files(paths, out=print):
             out(summary)
             problems.extend(found)
             continue
+        problems.extend(check_fit(path, message, lmdb_dir))
         phases = ("TRAIN", "TEST") if is_train_val(message) else ("TEST",)
         notes = []
         for phase in phases:

@@ -21,7 +21,7 @@ import lmdb
 import numpy as np
 from PIL import Image
 
-from . import __version__
+from . import __version__, devices
 from .caffe_env import caffe_pb2
 from .files import atomic_open, write_text
 
@@ -405,7 +405,7 @@ def make_lmdbs(data_dir, out_dir, workers=None, seed=DEFAULT_SEED, force=False, 
 
     progress_factory(split, total) returns a callable(n) or None.
     """
-    workers = workers or os.cpu_count() or 1
+    workers = workers or devices.usable_cpus()
     unknown = [s for s in splits if s not in DEFAULT_SPLITS]
     if unknown or not splits:
         raise DataError("--splits: unknown %s (valid: %s)" % (",".join(unknown) or "(none)", ",".join(DEFAULT_SPLITS)))
@@ -482,10 +482,17 @@ def _convert(records, wnids, words, tmp_dir, workers, seed, skip_bad, size, spli
 
 
 # ---------------------------------------------------------------- reading back
-def iter_lmdb(path, limit=None):
-    """Yield (key str, Datum) in key order, read-only."""
+def require_lmdb(path):
+    if not os.path.isdir(path):
+        raise DataError("%s: no such LMDB directory (expected make_lmdb.py's train_lmdb, val_lmdb or test_lmdb)"
+                        % path)
     if not os.path.isfile(os.path.join(path, "data.mdb")):
         raise DataError("%s: not an LMDB (no data.mdb)" % path)
+
+
+def iter_lmdb(path, limit=None):
+    """Yield (key str, Datum) in key order, read-only."""
+    require_lmdb(path)
     env = lmdb.open(path, readonly=True, lock=False, readahead=False)
     try:
         with env.begin() as txn:
@@ -500,6 +507,7 @@ def iter_lmdb(path, limit=None):
 
 
 def lmdb_count(path):
+    require_lmdb(path)
     env = lmdb.open(path, readonly=True, lock=False)
     try:
         return env.stat()["entries"]

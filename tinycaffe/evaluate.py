@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from . import data
+from . import data, fit, repo_path
 from .caffe_env import caffe_pb2, import_caffe
 from .files import PrototxtError, read_prototxt
 
@@ -19,14 +19,37 @@ DEFAULT_BATCH = 50  # images per forward (x crops per image)
 DEFAULT_VAL_LMDB = "data/lmdb/val_lmdb"  # make_lmdb.py's outputs, relative to the repo root
 DEFAULT_TEST_LMDB = "data/lmdb/test_lmdb"
 DEFAULT_MEAN = "data/lmdb/mean.binaryproto"
+MEAN_HELP = "mean.binaryproto (default: the one beside --lmdb, else %s)" % DEFAULT_MEAN
+LABELS_HELP = "labels.txt (default: the one beside --lmdb, else data/lmdb/labels.txt)"
 
 
-def add_model_arguments(parser, lmdb_help):
+def add_model_arguments(parser, lmdb_help, default_lmdb=DEFAULT_VAL_LMDB):
     """--deploy, --weights, --lmdb (val by default) and --mean, as every model tool takes them."""
     parser.add_argument("--deploy", required=True, help="deploy.prototxt (e.g. a run dir's)")
     parser.add_argument("--weights", required=True, help=".caffemodel")
-    parser.add_argument("--lmdb", default=DEFAULT_VAL_LMDB, help="%s (default %s)" % (lmdb_help, DEFAULT_VAL_LMDB))
-    parser.add_argument("--mean", default=DEFAULT_MEAN, help="mean.binaryproto (default %s)" % DEFAULT_MEAN)
+    add_data_arguments(parser, lmdb_help, default_lmdb)
+
+
+def add_data_arguments(parser, lmdb_help, default_lmdb):
+    """--lmdb, --mean and --labels; the last two default to the files beside the LMDB."""
+    parser.add_argument("--lmdb", default=None, help="%s (default %s)" % (lmdb_help, default_lmdb))
+    parser.add_argument("--mean", default=None, help=MEAN_HELP)
+    parser.add_argument("--labels", default=None, help=LABELS_HELP)
+    parser.set_defaults(default_lmdb=default_lmdb)
+
+
+def resolve_data_arguments(args):
+    """Fill --lmdb, --mean, --labels in place: a given --lmdb brings its own mean and labels
+    (make_lmdb.py writes them beside it); defaults are the repo's data/lmdb."""
+    args.lmdb = args.lmdb or repo_path(args.default_lmdb)
+    args.mean = args.mean or fit.beside(args.lmdb, "mean.binaryproto") or repo_path(DEFAULT_MEAN)
+    args.labels = (args.labels or fit.beside(args.lmdb, "labels.txt")
+                   or repo_path(os.path.join(os.path.dirname(DEFAULT_MEAN), "labels.txt")))
+
+
+def check_batch(batch):
+    if batch < 1:
+        raise EvalError("--batch %d: expected images per forward >= 1" % batch)
 
 
 class EvalError(Exception):
@@ -103,31 +126,97 @@ def output_blob(net):
     return "prob" if "prob" in net.blobs else net.outputs[-1]
 
 
-# ---------------------------------------------------------------- running over an LMDB
-def predict(nets_and_weights, lmdb_path, mean, tta="center", batch=DEFAULT_BATCH, progress=None):
-    """Averaged probabilities of several (net, model weight) pairs over every record.
+def score_blob(net):
+    """The blob Caffe's Accuracy layer reads in train_val: the input of the deploy net's Softmax
+    (the last InnerProduct's outputs), or the output blob when there is no Softmax."""
+    out = output_blob(net)
+    for name, layer in zip(net._layer_names, net.layers):
+        if layer.type == "Softmax" and out in net.top_names[name]:
+            return net.bottom_names[name][0]
+    return out
 
-    Returns (keys, labels, probs of shape N x classes, per-model probs list, seconds).
-    """
-    if not os.path.isfile(os.path.join(lmdb_path, "data.mdb")):
-        raise EvalError("%s: not an LMDB (no data.mdb)" % lmdb_path)
+
+def net_classes(net):
+    return net.blobs[output_blob(net)].data.shape[1]
+
+
+# ---------------------------------------------------------------- what the data is
+def lmdb_kind(lmdb_path):
+    """"test" (unlabelled records, test_N.JPEG keys) or "labelled" (val, train), from the first record."""
+    for key, datum in data.iter_lmdb(lmdb_path, limit=1):
+        return "test" if datum.label == data.TEST_LABEL else "labelled"
+    raise EvalError("%s: empty LMDB (no records)" % lmdb_path)
+
+
+def require_lmdb_kind(lmdb_path, kind, tool):
+    """Refuse, before any inference, an LMDB of the wrong split."""
+    found = lmdb_kind(lmdb_path)
+    if found == kind:
+        return
+    if kind == "test":
+        raise EvalError("%s: its records are labelled (a val or train LMDB); %s needs the unlabelled test "
+                        "LMDB (make_lmdb.py's test_lmdb)" % (lmdb_path, tool))
+    raise EvalError("%s: a test LMDB (unlabelled records, label -1); %s needs a labelled one (make_lmdb.py's "
+                    "val_lmdb)" % (lmdb_path, tool))
+
+
+def read_mean_for(mean_path, lmdb_path, crop):
+    """mean.binaryproto checked against the LMDB's images and the net's crop, before inference."""
+    if not os.path.isfile(mean_path):
+        raise EvalError("%s: no such mean file (expected mean.binaryproto from make_lmdb.py)" % mean_path)
+    mean = data.read_mean(mean_path)
+    shape = fit.image_shape(lmdb_path)
+    if shape and tuple(shape) != mean.shape:
+        raise EvalError("%s is %s but the images of %s are %s: the mean comes from another LMDB (use the "
+                        "mean.binaryproto make_lmdb.py wrote beside it)"
+                        % (mean_path, "x".join(map(str, mean.shape)), lmdb_path, "x".join(map(str, shape))))
+    if mean.shape[1] < crop or mean.shape[2] < crop:
+        raise EvalError("the deploy net crops %dx%d but the images of %s are %dx%d: make the LMDB with "
+                        "--size >= %d or generate the net with --crop <= %d"
+                        % (crop, crop, lmdb_path, mean.shape[1], mean.shape[2], crop, min(mean.shape[1:])))
+    return mean
+
+
+def check_classes(net, deploy, labels_path):
+    count = len(data.read_labels(labels_path))
+    if net_classes(net) != count:
+        raise EvalError("%s has %d class outputs but %s lists %d classes: the model and the LMDB come from "
+                        "different datasets" % (deploy, net_classes(net), labels_path, count))
+
+
+# ---------------------------------------------------------------- running over an LMDB
+class Predictions:
+    """What predict() returns: per image keys and labels, the ensemble's averaged softmax
+    (probs), and per model its averaged softmax and its averaged scores (the Softmax's input,
+    what Caffe's Accuracy layer ranks)."""
+
+    def __init__(self, keys, labels, probs, model_probs, model_scores, seconds):
+        self.keys, self.labels, self.probs = keys, labels, probs
+        self.model_probs, self.model_scores, self.seconds = model_probs, model_scores, seconds
+
+
+def predict(nets_and_weights, lmdb_path, mean, tta="center", batch=DEFAULT_BATCH, progress=None):
+    """Averaged probabilities of several (net, model weight) pairs over every record -> Predictions."""
+    check_batch(batch)
     nets = [n for n, _ in nets_and_weights]
     crop = nets[0].blobs["data"].data.shape[-1]
-    classes = {n.blobs[output_blob(n)].data.shape[1] for n in nets}
+    classes = {net_classes(n) for n in nets}
     if len(classes) != 1:
         raise EvalError("the models disagree on the class count: %s" % sorted(classes))
     offsets = crop_offsets(mean.shape[-1], crop, tta)
-    keys, labels, per_model = [], [], [[] for _ in nets]
+    keys, labels = [], []
+    per_model = [([], []) for _ in nets]  # (probs, scores) chunks
     t0 = time.time()
 
     def flush(images):
         stack = np.stack([v for img in images for v in views(img, crop, offsets)])
-        for i, net in enumerate(nets):
+        for net, (probs, scores) in zip(nets, per_model):
             net.blobs["data"].reshape(*stack.shape)
             net.reshape()
             net.blobs["data"].data[...] = stack
-            out = net.forward()[output_blob(net)].reshape(len(images), len(offsets), -1).mean(axis=1)
-            per_model[i].append(out.copy())
+            net.forward()
+            for blob, out in ((output_blob(net), probs), (score_blob(net), scores)):
+                out.append(net.blobs[blob].data.reshape(len(images), len(offsets), -1).mean(axis=1))
         if progress:
             progress(len(images))
 
@@ -145,26 +234,33 @@ def predict(nets_and_weights, lmdb_path, mean, tta="center", batch=DEFAULT_BATCH
     if pending:
         flush(pending)
     seconds = time.time() - t0
-    model_probs = [np.concatenate(p) if p else np.zeros((0, classes.pop())) for p in per_model]
+    n_classes = classes.pop()
+    model_probs = [np.concatenate(p) if p else np.zeros((0, n_classes)) for p, _ in per_model]
+    model_scores = [np.concatenate(s) if s else np.zeros((0, n_classes)) for _, s in per_model]
     weights = np.array([w for _, w in nets_and_weights], np.float64)
     weights = weights / weights.sum()
     ensemble = sum(w * p for w, p in zip(weights, model_probs))
-    return keys, np.array(labels), ensemble, model_probs, seconds
+    return Predictions(keys, np.array(labels, np.int64), ensemble, model_probs, model_scores, seconds)
 
 
-def topk_accuracy(probs, labels, k):
-    """Caffe's Accuracy layer rule: right when fewer than k classes score strictly higher than
-    the true one (ties count in the label's favour)."""
-    if not len(labels):
-        return 0.0
-    true_scores = probs[np.arange(len(labels)), labels]
-    better = (probs > true_scores[:, None]).sum(axis=1)
-    return float(np.mean(better < k))
+def topk_correct(scores, labels, k):
+    """Per image, Caffe 1.0's Accuracy layer rule: right when fewer than k classes score at
+    least as high as the true one, the true class not counted. A tie counts against the
+    label; a NaN true score compares false with everything, so it counts as right, as in Caffe."""
+    true_scores = scores[np.arange(len(labels)), labels]
+    at_least = (scores >= true_scores[:, None]).sum(axis=1) - 1
+    return at_least < k
 
 
-def per_class_accuracy(probs, labels, num_classes):
-    pred = probs.argmax(1)
-    return [(c, int((labels == c).sum()), float((pred[labels == c] == c).mean()) if (labels == c).any() else None)
+def topk_accuracy(scores, labels, k):
+    """The fraction right by Caffe's rule (topk_correct); 0 for no images, as Caffe's count == 0."""
+    return float(np.mean(topk_correct(scores, labels, k))) if len(labels) else 0.0
+
+
+def per_class_accuracy(scores, labels, num_classes):
+    """(class, images, top-1 by Caffe's rule or None) per class."""
+    right = topk_correct(scores, labels, 1)
+    return [(c, int((labels == c).sum()), float(right[labels == c].mean()) if (labels == c).any() else None)
             for c in range(num_classes)]
 
 

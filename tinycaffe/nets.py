@@ -137,7 +137,7 @@ def vgg_family(n, data, stages, fcs, num_classes, act="prelu", bn=True, dropout_
 
 
 # ---------------------------------------------------------------- the variants (SPEC section 5)
-# Caffe's bvlc_alexnet, unchanged but for the 60x60 input and the class count.
+# Caffe's bvlc_alexnet, unchanged but for the 60x60 input and the class count (batch 256 too).
 ALEXNET_CONVS = (
     ConvSpec(96, 11, 4, 0, lrn=True, pool=(3, 2)),
     ConvSpec(256, 5, 1, 2, group=2, bias=0.1, lrn=True, pool=(3, 2)),
@@ -177,7 +177,7 @@ XAVIER_INPUT_SCALE = 1.0 / 64
 
 VARIANTS = {v.name: v for v in (
     Variant("alexnet", "Caffe's AlexNet, crop 60, LRN kept", "25%", alexnet_family,
-            dict(convs=ALEXNET_CONVS, fcs=(4096, 4096))),
+            dict(convs=ALEXNET_CONVS, fcs=(4096, 4096)), batch_size=256),
     Variant("alexnet_small", "no LRN, 2x2 max-pools, mostly 3x3 filters", "35%", alexnet_family,
             dict(convs=SMALL_CONVS, fcs=(4096, 4096))),
     Variant("alexnet_prelu", "alexnet_small, every ReLU a PReLU, Xavier init", "45%", alexnet_family,

@@ -18,12 +18,15 @@ import subprocess
 
 from google.protobuf import json_format, text_format
 
-from . import __version__, caffe_env, nets
+from . import REPO_ROOT, __version__, caffe_env, data, devices, fit, nets, repo_path
 from .caffe_env import caffe_pb2
 from .files import PrototxtError, read_prototxt, write_text
 
 DEFAULT_RUNS = "runs"  # where run directories go, relative to the repo root
+DEFAULT_PROTOTXT = "prototxt"  # the committed variants, relative to the repo root
 DATA_LAYER_TYPES = ("Data",)
+RESUME_SOLVER = "resume_solver.prototxt"  # the run's solver, pointing at RESUME_NET
+RESUME_NET = "resume_train_val.prototxt"  # the run's net, TRAIN Data layers at start_offset
 
 
 class RunError(Exception):
@@ -31,17 +34,25 @@ class RunError(Exception):
 
 
 # ---------------------------------------------------------------- what to train
-def resolve_solver(target, prototxt_dir="prototxt"):
-    """VARIANT or a solver file -> (variant name, solver path)."""
+def resolve_solver(target, prototxt_dir=None):
+    """VARIANT or a solver file -> (variant name, absolute solver path, base folder).
+
+    A variant name works from any directory (prototxt/ of the repo); a path is relative
+    to the user's directory. Paths inside a solver or net are Caffe's: relative to where
+    Caffe runs, which for the generated files under prototxt/ is the repo root (their
+    header says so), and for any other file the user's directory."""
+    prototxt_dir = prototxt_dir or repo_path(DEFAULT_PROTOTXT)
     if os.path.isfile(target):
-        return _variant_of(target), target
+        path = os.path.abspath(target)
+        inside = path.startswith(os.path.join(os.path.abspath(prototxt_dir), ""))
+        return _variant_of(path), path, REPO_ROOT if inside else os.getcwd()
     if target.endswith(".prototxt") or os.sep in target:
-        raise RunError("%s: no such solver file" % target)
+        raise RunError("%s: no such solver file (relative to %s)" % (target, os.getcwd()))
     path = os.path.join(prototxt_dir, target, "solver.prototxt")
     if target not in nets.VARIANTS or not os.path.isfile(path):
         raise RunError("unknown variant '%s' (valid: %s, or a path to a solver.prototxt)"
                        % (target, ", ".join(nets.VARIANTS)))
-    return target, path
+    return target, path, REPO_ROOT
 
 
 def _variant_of(solver_path):
@@ -60,7 +71,6 @@ def read_message(path, message):
 # ---------------------------------------------------------------- devices
 GPU_HELP = "GPU id%s or cpu (default auto: GPU 0 on a CUDA build with a GPU, else cpu)"
 SEVERAL_GPUS = ", a list (0,1), all,"  # what train.sh/train.py accept beyond one id (NCCL)
-NVIDIA_PROC = "/proc/driver/nvidia/gpus"  # one entry per GPU the driver sees
 
 
 def add_gpu_argument(parser, several=False):
@@ -68,19 +78,11 @@ def add_gpu_argument(parser, several=False):
     parser.add_argument("--gpu", default="auto", help=GPU_HELP % (SEVERAL_GPUS if several else ""))
 
 
-def visible_gpus():
-    """How many GPUs the NVIDIA driver sees here (0 without a driver)."""
-    try:
-        return len(os.listdir(NVIDIA_PROC))
-    except OSError:
-        return 0
-
-
 def parse_gpu(value, flavour=None, several=True, gpus=None):
     """--gpu 0|0,1|all|cpu|auto -> None for CPU or the -gpu string for Caffe.
     flavour and gpus default to this machine's (the active build, the driver's GPUs)."""
     flavour = caffe_flavour() if flavour is None else flavour
-    gpus = visible_gpus() if gpus is None else gpus
+    gpus = devices.visible_gpus() if gpus is None else gpus
     if value in ("auto", None):
         return "0" if flavour == "cuda" and gpus else None
     if value == "cpu":
@@ -94,8 +96,9 @@ def parse_gpu(value, flavour=None, several=True, gpus=None):
                        "the CUDA flavour: scripts/setup.sh --cuda"
                        % (value, caffe_env.read_location().get("CAFFE_ROOT", "caffe-1.0-cpu")))
     if not gpus:
-        raise RunError("--gpu %s: no NVIDIA GPU on this machine (%s is missing: no driver); use --gpu cpu"
-                       % (value, NVIDIA_PROC))
+        raise RunError("--gpu %s: CUDA sees no GPU here (no nvidia-smi, no GPU in `nvidia-smi -L`, or "
+                       "CUDA_VISIBLE_DEVICES=%s hides them); use --gpu cpu"
+                       % (value, os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)")))
     wanted = [int(i) for i in value.split(",")] if value != "all" else []
     if any(i >= gpus for i in wanted):
         raise RunError("--gpu %s: this machine has %d GPU%s (ids 0-%d)" % (value, gpus, "s"[:gpus != 1], gpus - 1))
@@ -106,25 +109,43 @@ def caffe_flavour():
     return caffe_env.read_location().get("CAFFE_FLAVOUR", "cpu")
 
 
+def solver_count(gpu):
+    """How many solvers (one per GPU) share a run: NCCL's count for a list or `all`."""
+    if not gpu:
+        return 1
+    return devices.visible_gpus() if gpu == "all" else len(gpu.split(","))
+
+
 # ---------------------------------------------------------------- checks before launching
-def precheck(solver, solver_path):
-    """What would fail late inside Caffe: net file, LMDB sources, mean files. Returns the net."""
+def _absolute(path, base):
+    return path if not path or os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
+
+
+def precheck(solver, solver_path, base=REPO_ROOT):
+    """What would fail late inside Caffe: net file, LMDB sources, mean files, and whether the
+    net fits its data (class count, crop). Paths in the solver and net are resolved against
+    base. Returns (absolute net path, the net with absolute data paths)."""
     net_path = solver.net or solver.train_net
     if not net_path:
         raise RunError("%s: no `net:` (expected the train_val.prototxt path)" % solver_path)
+    net_path = _absolute(net_path, base)
     if not os.path.isfile(net_path):
-        raise RunError("%s: net %s does not exist (paths are relative to the repo root)" % (solver_path, net_path))
+        raise RunError("%s: net %s does not exist (paths in it are relative to %s)" % (solver_path, net_path, base))
     net = read_message(net_path, caffe_pb2().NetParameter())
     for layer in net.layer:
         if layer.type not in DATA_LAYER_TYPES:
             continue
-        source = layer.data_param.source
+        layer.data_param.source = source = _absolute(layer.data_param.source, base)
         if not os.path.isfile(os.path.join(source, "data.mdb")):
             raise RunError("%s: layer '%s' reads %s, which is not an LMDB (run tools/make_lmdb.py first)"
                            % (net_path, layer.name, source))
-        mean = layer.transform_param.mean_file
+        layer.transform_param.mean_file = mean = _absolute(layer.transform_param.mean_file, base)
         if mean and not os.path.isfile(mean):
             raise RunError("%s: layer '%s' needs mean file %s, which does not exist" % (net_path, layer.name, mean))
+    try:
+        fit.check_data_layers(net, net_path)
+    except (fit.FitError, data.DataError) as exc:
+        raise RunError(str(exc)) from exc
     return net_path, net
 
 
@@ -154,22 +175,42 @@ def newest_run_dir(variant, runs_root=DEFAULT_RUNS):
     candidates = sorted(d for d in glob.glob(os.path.join(runs_root, variant, "*"))
                         if os.path.isfile(os.path.join(d, "run.json")))
     if not candidates:
-        raise RunError("--resume: no run of '%s' under %s/%s" % (variant, runs_root, variant))
+        raise RunError("--resume: no run of '%s' under %s" % (variant, os.path.join(runs_root, variant)))
     return candidates[-1]
+
+
+def require_run_dir(run_dir):
+    if not os.path.isfile(os.path.join(run_dir, "run.json")):
+        what = "no such directory" if not os.path.isdir(run_dir) else "no run.json there"
+        raise RunError("--run-dir %s: %s (expected a run directory made by train.sh or train.py)"
+                       % (run_dir, what))
+
+
+def snapshot_iteration(path):
+    """<prefix>_iter_N.caffemodel / .solverstate -> N."""
+    m = re.search(r"_iter_(\d+)\.(caffemodel|solverstate)$", path)
+    return int(m.group(1)) if m else -1
 
 
 def newest_solverstate(run_dir):
     states = glob.glob(os.path.join(run_dir, "snapshots", "*.solverstate"))
     if not states:
         raise RunError("--resume: %s has no .solverstate yet (nothing was snapshotted)" % run_dir)
-    return max(states, key=lambda p: int(re.search(r"_iter_(\d+)\.solverstate$", p).group(1)))
+    return max(states, key=snapshot_iteration)
 
 
-def prepare(variant, solver_path, solver, net_path, run_dir, gpu):
-    """Create run_dir with copies of the net(s) and the solver as it will be used."""
+def newest_snapshot_iteration(run_dir):
+    files = glob.glob(os.path.join(run_dir, "snapshots", "*_iter_*"))
+    return max((snapshot_iteration(p) for p in files), default=0)
+
+
+def prepare(variant, solver_path, solver, net_path, net, run_dir, gpu):
+    """Create run_dir with the net (data paths made absolute, so the run works from any
+    directory), the deploy net beside it, and the solver as it will be used."""
     os.makedirs(os.path.join(run_dir, "snapshots"))
     run_net = os.path.join(run_dir, "train_val.prototxt")
-    shutil.copyfile(net_path, run_net)
+    write_text(run_net, "# %s as used by this run (LMDB and mean paths made absolute)\n" % net_path
+               + text_format.MessageToString(net))
     deploy = os.path.join(os.path.dirname(net_path), "deploy.prototxt")
     if os.path.isfile(deploy):
         shutil.copyfile(deploy, os.path.join(run_dir, "deploy.prototxt"))
@@ -197,11 +238,72 @@ def set_device(run_dir, used, gpu):
         write_text(path, header + "# solver_mode changed on resume\n" + text_format.MessageToString(used))
 
 
+def _in_train_phase(layer):
+    phases = [rule.phase for rule in layer.include if rule.HasField("phase")]
+    return not phases or caffe_pb2().TRAIN in phases
+
+
+def continue_data_stream(run_dir, used, state, solvers=1):
+    """The solver to restore `state` with, such that the TRAIN Data layers continue where the
+    interrupted run stopped: a copy of the run's net whose layers skip the records already
+    consumed ((iteration x batch x iter_size x solvers) mod the LMDB's count; Caffe patch 0008's
+    start_offset) and a copy of the solver pointing at it. Returns the solver copy's path."""
+    if "start_offset" not in caffe_pb2().DataParameter.DESCRIPTOR.fields_by_name:
+        raise RunError("this Caffe build lacks DataParameter.start_offset (scripts/patches/0008); rebuild it "
+                       "with scripts/setup.sh --force to resume exactly")
+    iteration = snapshot_iteration(state)
+    net = read_message(used.net, caffe_pb2().NetParameter())
+    for layer in net.layer:
+        if layer.type in DATA_LAYER_TYPES and _in_train_phase(layer):
+            consumed = iteration * layer.data_param.batch_size * max(used.iter_size, 1) * solvers
+            layer.data_param.start_offset = consumed % max(data.lmdb_count(layer.data_param.source), 1)
+    net_path = os.path.join(run_dir, RESUME_NET)
+    write_text(net_path, "# %s for resuming from %s: TRAIN data continues at start_offset\n"
+               % (used.net, os.path.basename(state)) + text_format.MessageToString(net))
+    resumed = caffe_pb2().SolverParameter()
+    resumed.CopyFrom(used)
+    resumed.net = net_path
+    solver_path = os.path.join(run_dir, RESUME_SOLVER)
+    write_text(solver_path, "# solver.prototxt for resuming from %s (net: %s)\n"
+               % (os.path.basename(state), RESUME_NET) + text_format.MessageToString(resumed))
+    return solver_path
+
+
+def drop_diverged_snapshots(run_dir, first_bad_iteration):
+    """After a divergence, delete the snapshots (caffemodel and solverstate) with bad weights:
+    those taken at or after the first iteration whose loss was bad (snapshot N holds the
+    weights iteration N's forward used), then, newest first, those whose caffemodel holds a
+    non-finite value, down to the first finite one. Returns (removed paths, the newest
+    remaining .caffemodel or None)."""
+    pairs = {}
+    for path in glob.glob(os.path.join(run_dir, "snapshots", "*_iter_*")):
+        if snapshot_iteration(path) >= 0:
+            pairs.setdefault(snapshot_iteration(path), []).append(path)
+    removed = []
+    for n in sorted(pairs, reverse=True):
+        model = [p for p in pairs[n] if p.endswith(".caffemodel")]
+        at_or_after = first_bad_iteration is not None and n >= first_bad_iteration
+        if not at_or_after and all(_finite_weights(p) for p in model):
+            return sorted(removed), (model[0] if model else None)
+        for path in pairs[n]:
+            os.unlink(path)
+            removed.append(path)
+    return sorted(removed), None
+
+
+def _finite_weights(caffemodel):
+    import numpy as np
+    net = caffe_pb2().NetParameter()
+    with open(caffemodel, "rb") as f:
+        net.ParseFromString(f.read())
+    return all(np.isfinite(np.asarray(b.data, np.float32)).all() for layer in net.layer for b in layer.blobs)
+
+
 def git_commit():
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=REPO_ROOT)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=5).stdout.strip()
+                               text=True, timeout=5, cwd=REPO_ROOT).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None

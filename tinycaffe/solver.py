@@ -40,13 +40,14 @@ def make_solver(net_path, snapshot_prefix, val_count, schedule="fast", solver_ty
     s = pb2.SolverParameter()
     s.net = net_path
     s.test_iter.append(val_count // test_batch_for(val_count))
-    s.test_interval = plan["test_interval"] if test_interval is None else test_interval
+    s.max_iter = plan["max_iter"] if max_iter is None else max_iter
+    # Never past the end: a run shorter than its test interval would end without a val number.
+    s.test_interval = min(plan["test_interval"] if test_interval is None else test_interval, s.max_iter)
     s.test_initialization = False  # the first test at iteration 0 only measures chance
     s.base_lr = BASE_LR
     s.lr_policy = "step"
     s.gamma = GAMMA
     s.stepsize = plan["stepsize"]
-    s.max_iter = plan["max_iter"] if max_iter is None else max_iter
     if solver_type != "adagrad":
         s.momentum = MOMENTUM
     s.weight_decay = WEIGHT_DECAY

@@ -1,5 +1,6 @@
 """The scoreboard's submission file (SPEC section 3): one `test_N.JPEG wnid` line per test image,
 every image exactly once, sorted by N, ending with a newline. Written atomically, validated first."""
+import json
 import os
 import re
 
@@ -17,12 +18,47 @@ def name_of_key(key):
     return key.split("_", 1)[1]
 
 
+def lmdb_names(test_lmdb):
+    """The image names in the test LMDB, from its keys."""
+    return [name_of_key(k) for k, _ in data.iter_lmdb(test_lmdb)]
+
+
 def expected_names(test_lmdb):
-    """Every image name in the test LMDB, from its keys."""
-    env_names = [name_of_key(k) for k, _ in data.iter_lmdb(test_lmdb)]
-    if not env_names:
+    """Every image of the test split as make_lmdb.py listed it (its manifest.json beside the LMDB):
+    the LMDB's records plus the files it skipped (--skip-bad), sorted by N. A skipped image is
+    still on the scoreboard's list, so a file without it is incomplete."""
+    manifest_path = os.path.join(os.path.dirname(os.path.normpath(os.path.abspath(test_lmdb))), "manifest.json")
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except OSError:
+        raise SubmissionError("%s: missing (make_lmdb.py writes it beside the LMDBs; it lists the whole test split, "
+                              "skipped images included)" % manifest_path) from None
+    except ValueError as exc:
+        raise SubmissionError("%s: not JSON (%s)" % (manifest_path, exc)) from exc
+    names = lmdb_names(test_lmdb)
+    test = manifest.get("splits", {}).get("test")
+    if test is None:
+        raise SubmissionError("%s: no test split (make_lmdb.py was run with --splits without test)" % manifest_path)
+    if test.get("count") != len(names):
+        raise SubmissionError("%s has %d records but %s says %s: LMDB and manifest come from different runs"
+                              % (test_lmdb, len(names), manifest_path, test.get("count")))
+    skipped = [os.path.basename(s["file"]) for s in manifest.get("skipped", []) if s.get("split") == "test"]
+    everything = set(names) | set(skipped)
+    if not everything:
         raise SubmissionError("%s: empty test LMDB" % test_lmdb)
-    return env_names
+    return sorted(everything, key=_number)
+
+
+def missing_names(expected, test_lmdb):
+    """The expected names that have no record in the LMDB, sorted by N."""
+    present = set(lmdb_names(test_lmdb))
+    return [n for n in expected if n not in present]
+
+
+def _number(name):
+    m = NAME_RE.match(name)
+    return int(m.group(1)) if m else -1
 
 
 def validate_lines(lines, names, wnids, path="submission"):
@@ -51,9 +87,10 @@ def validate_lines(lines, names, wnids, path="submission"):
         if int(m.group(1)) < last:
             problems.append("%s:%d: %s out of order (lines must be sorted by N)" % (path, no, name))
         last = int(m.group(1))
-    missing = sorted(wanted - set(seen), key=lambda n: int(NAME_RE.match(n).group(1)))
+    missing = sorted(wanted - set(seen), key=_number)
     if missing:
-        problems.append("%s:%d: %d test images missing, first %s" % (path, len(lines) + 1, len(missing), missing[0]))
+        problems.append("%s: %d test images missing" % (path, len(missing)))
+        problems.extend("%s: missing %s" % (path, name) for name in missing)
     if len(lines) != len(names) and not missing:
         problems.append("%s: %d lines but the test set has %d images" % (path, len(lines), len(names)))
     return problems
@@ -70,7 +107,7 @@ def validate_file(path, names, wnids):
 
 def write(path, names, wnids_predicted, all_wnids):
     """Write sorted lines to a temporary name, validate them, then rename into place."""
-    order = sorted(range(len(names)), key=lambda i: int(NAME_RE.match(names[i]).group(1)))
+    order = sorted(range(len(names)), key=lambda i: _number(names[i]))
     lines = ["%s %s\n" % (names[i], wnids_predicted[i]) for i in order]
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

@@ -7,12 +7,13 @@ the end writes train.csv, test.csv, curves.png and the final numbers into run.js
 """
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
-from . import caffelog, caffe_env, runs
+from . import caffelog, caffe_env, devices, repo_path, runs
 from .caffe_env import caffe_pb2
 from .files import write_text
 
@@ -22,14 +23,15 @@ DEFAULT_MIN_DELTA = 0.002  # val top-1 gain that counts as an improvement
 DEFAULT_MAX_ANNEALS = 3  # after this many anneals, the next plateau ends the run
 ANNEAL_FACTOR = 0.1  # the paper's manual cuts were /10
 DIVERGED_LOSS = 87.3  # SoftmaxWithLoss caps at -log(FLT_MIN) = 87.34: the softmax underflowed
-# OpenBLAS threads for CPU training: one per core. On this 2-core machine 2 threads trained
-# 1.25-1.4x faster than 1 (bench/bench_train.py); a value set in the environment wins.
-OPENBLAS_THREADS = str(os.cpu_count() or 1)
+# OpenBLAS threads for CPU training: one per CPU this process may use (its affinity: cgroup,
+# taskset, Slurm). On this 2-core machine 2 threads trained 1.25-1.4x faster than 1
+# (bench/bench_train.py); a value set in the environment wins.
+OPENBLAS_THREADS = str(devices.usable_cpus())
 
 
 def launch(args, argv):
     """The whole run from the parent's side. Returns the process exit status."""
-    variant, solver_path = runs.resolve_solver(args.target)
+    variant, solver_path, base = runs.resolve_solver(args.target)
     gpu = runs.parse_gpu(args.gpu)
     if gpu and ("," in gpu or gpu == "all"):
         if args.engine == "pycaffe":
@@ -39,9 +41,12 @@ def launch(args, argv):
                                 "train on one GPU only; pass a single id" % gpu)
     if args.weights and not os.path.isfile(args.weights):
         raise runs.RunError("--weights %s: no such file" % args.weights)
+    runs_root = os.path.abspath(args.runs_root) if args.runs_root else repo_path(runs.DEFAULT_RUNS)
     state = None
     if args.resume:
-        run_dir = args.run_dir or runs.newest_run_dir(variant, args.runs_root)
+        if args.run_dir:
+            runs.require_run_dir(args.run_dir)
+        run_dir = os.path.abspath(args.run_dir or runs.newest_run_dir(variant, runs_root))
         record = runs.load_record(run_dir)
         if (record.get("anneal") or {}).get("mode") == "plateau" and args.engine != "pycaffe":
             raise runs.RunError("%s anneals on plateaus (its LR is not the solver's schedule): resume it with "
@@ -50,24 +55,29 @@ def launch(args, argv):
         used = runs.read_message(os.path.join(run_dir, "solver.prototxt"), caffe_pb2().SolverParameter())
         runs.precheck(used, os.path.join(run_dir, "solver.prototxt"))
         runs.set_device(run_dir, used, gpu)  # a run may continue on another device
+        solver_file = runs.continue_data_stream(run_dir, used, state, runs.solver_count(gpu))
         record["resumes"].append({"at": runs.now(), "from": state, "command": argv})
         record["status"] = "running"
     else:
         solver = runs.read_message(solver_path, caffe_pb2().SolverParameter())
-        net_path, net = runs.precheck(solver, solver_path)
-        run_dir = args.run_dir or runs.new_run_dir(variant, args.runs_root)
+        net_path, net = runs.precheck(solver, solver_path, base)
+        run_dir = os.path.abspath(args.run_dir or runs.new_run_dir(variant, runs_root))
         if os.path.exists(run_dir) and os.listdir(run_dir):
             raise runs.RunError("--run-dir %s exists and is not empty (use --resume to continue it)" % run_dir)
-        used = runs.prepare(variant, solver_path, solver, net_path, run_dir, gpu)
+        used = runs.prepare(variant, solver_path, solver, net_path, net, run_dir, gpu)
+        solver_file = os.path.join(run_dir, "solver.prototxt")
         record = runs.start_record(variant, argv, used, gpu, args.engine,
                                    _anneal_settings(args), net)
     runs.save_record(run_dir, record)
     print("[train] run dir %s (%s, %s)" % (run_dir, args.engine, "gpu " + gpu if gpu else "cpu"), file=sys.stderr)
 
-    command = (_binary_command(run_dir, gpu, state, args.weights) if args.engine == "binary"
+    command = (_binary_command(solver_file, gpu, state, args.weights) if args.engine == "binary"
                else _worker_command(run_dir, gpu, state, args.weights, record))
-    status, returncode = _tee(command, os.path.join(run_dir, "caffe.log"), record, run_dir)
-    return _finish(run_dir, record, status, returncode)
+    log_path = os.path.join(run_dir, "caffe.log")
+    status, returncode, first_bad = _tee(command, log_path, record, run_dir)
+    if status == "finished" and args.engine == "binary":
+        status, returncode = _final_test(run_dir, used, gpu, log_path)
+    return _finish(run_dir, record, status, returncode, first_bad)
 
 
 def _anneal_settings(args):
@@ -77,10 +87,10 @@ def _anneal_settings(args):
             "max_anneals": args.max_anneals}
 
 
-def _binary_command(run_dir, gpu, state, weights):
+def _binary_command(solver_file, gpu, state, weights):
     # SIGINT "stop": Caffe leaves its loop and, snapshot_after_train being on, snapshots before it
     # exits ("snapshot" would snapshot and train on). SIGHUP "snapshot": a checkpoint, training goes on.
-    cmd = [caffe_env.caffe_binary(), "train", "-solver", os.path.join(run_dir, "solver.prototxt"),
+    cmd = [caffe_env.caffe_binary(), "train", "-solver", solver_file,
            "-sigint_effect", "stop", "-sighup_effect", "snapshot"]
     if gpu:
         cmd += ["-gpu", gpu]
@@ -92,6 +102,7 @@ def _binary_command(run_dir, gpu, state, weights):
 
 
 def _worker_command(run_dir, gpu, state, weights, record):
+    # The worker reads the run's solver.prototxt and continues the data stream of a state itself.
     anneal = record.get("anneal") or {"mode": "step"}
     cmd = [sys.executable, "-m", "tinycaffe.train", "--worker", run_dir, "--anneal", anneal["mode"]]
     if anneal["mode"] == "plateau":
@@ -106,64 +117,121 @@ def _worker_command(run_dir, gpu, state, weights, record):
     return cmd
 
 
+def _final_test(run_dir, used, gpu, log_path):
+    """Caffe's binary tests only at multiples of test_interval: when max_iter is not one, test
+    the final snapshot once more (the pycaffe worker, --test-only), so that every finished run
+    ends with a val number at its last iteration. -> (status, returncode)."""
+    last = runs.newest_snapshot_iteration(run_dir)
+    _, tests = caffelog.parse(log_path)
+    if not used.test_iter or not last or (tests and tests[-1]["NumIters"] >= last):
+        return "finished", 0
+    state = runs.newest_solverstate(run_dir)
+    command = [sys.executable, "-m", "tinycaffe.train", "--worker", run_dir, "--test-only", "--state", state]
+    if gpu:  # one GPU is enough to test
+        command += ["--gpu", "0" if gpu == "all" else gpu.split(",")[0]]
+    status, returncode, _ = _tee(command, log_path, None, run_dir)
+    return status, returncode
+
+
 def _child_env():
     env = dict(os.environ, GLOG_logtostderr="1", GLOG_minloglevel="0", PYTHONUNBUFFERED="1")
     env.setdefault("OPENBLAS_NUM_THREADS", OPENBLAS_THREADS)
     return env
 
 
+def _ignore_sigterm():
+    """In the child, before exec: SIGTERM ignored until the child installs its own handler (an
+    ignored signal stays ignored across exec). Slurm, systemd and `docker stop` may signal every
+    process of the job; the caffe binary then stops as on SIGINT (Caffe patch 0009), the pycaffe
+    worker raises KeyboardInterrupt, and this parent forwards SIGINT in any case."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _tee(command, log_path, record, run_dir):
-    """Run the child, copy its log to log_path and the terminal, watch for divergence and anneals."""
-    interrupted = []
+    """Run the child, copy its log to log_path and the terminal, watch for divergence and anneals.
+    -> (status, returncode, first iteration with a bad loss or None)."""
+    interrupted, child = [], []
 
     def on_sigint(signum, frame):
         # Ctrl-C reaches the whole foreground group: the child snapshots and exits by itself.
         # Here it only marks the run, so that no KeyboardInterrupt can cut the tee short.
-        interrupted.append(True)
+        interrupted.append(signum)
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    diverged = False
+    def on_sigterm(signum, frame):
+        # Slurm's time limit, scancel, docker stop, systemd, preemption: like Ctrl-C, so the
+        # child snapshots within the usual grace period (one iteration, plus the snapshot).
+        interrupted.append(signum)
+        if child and child[0].poll() is None:
+            child[0].send_signal(signal.SIGINT)
+
+    previous = {sig: signal.signal(sig, handler) for sig, handler in ((signal.SIGINT, on_sigint),
+                                                                      (signal.SIGTERM, on_sigterm))}
+    first_bad = None
     try:
         # Line-buffered: a run killed hard (SIGKILL, OOM) keeps every line Caffe wrote.
         with open(log_path, "a", buffering=1) as log:
             log.write(caffelog.glog_line("tinycaffe: %s" % " ".join(command)))
-            proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, bufsize=1, env=_child_env())
+            proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, bufsize=1, env=_child_env(),
+                                    preexec_fn=_ignore_sigterm)
+            child.append(proc)
+            if signal.SIGTERM in interrupted:  # arrived while the child was starting
+                proc.send_signal(signal.SIGINT)
             for line in proc.stderr:
                 log.write(line)
                 sys.stderr.write(line)
-                if not diverged and _diverged(line):
-                    diverged = True
-                    log.write(caffelog.glog_line("tinycaffe: loss diverged (%s); stopped without a snapshot of the "
-                                                 "bad weights; the last good snapshot is kept"
-                                                 % line.strip()[-40:], "E"))
+                bad = _bad_loss_iteration(line)
+                if first_bad is None and bad is not None:
+                    first_bad = bad
+                    log.write(caffelog.glog_line("tinycaffe: loss diverged at iteration %d (%s); training stopped"
+                                                 % (bad, line.strip()[-40:]), "E"))
                     proc.kill()  # SIGKILL: no snapshot of NaN weights
-                if "tinycaffe: plateau anneal" in line:
+                if record is not None and "tinycaffe: plateau anneal" in line:
                     record["anneals"].append(line.split("] ", 1)[-1].strip())
                     runs.save_record(run_dir, record)
             returncode = proc.wait()
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if diverged or returncode == 3:
-        return "diverged", returncode
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if first_bad is not None or returncode == 3:
+        return "diverged", returncode, first_bad
     if interrupted or returncode in (130, -signal.SIGINT):
-        return "interrupted", returncode
-    return ("finished" if returncode == 0 else "failed"), returncode
+        return "interrupted", returncode, first_bad
+    return ("finished" if returncode == 0 else "failed"), returncode, first_bad
 
 
-def _diverged(line):
-    if ", loss = " not in line or "Iteration" not in line:
-        return False
-    value = caffelog.parse_float(line.rsplit("loss = ", 1)[1].split()[0])
-    return not math.isfinite(value) or value >= DIVERGED_LOSS
+LOSS_LINE = re.compile(r"Iteration (\d+).*, loss = (\S+)")
 
 
-def _finish(run_dir, record, status, returncode):
+def _bad_loss_iteration(line):
+    """The iteration of a logged loss line (Caffe's, every `display` iterations) whose loss is
+    NaN, infinite or at the softmax's underflow cap; None for any other line."""
+    m = LOSS_LINE.search(line)
+    if not m:
+        return None
+    value = caffelog.parse_float(m.group(2))
+    return int(m.group(1)) if not math.isfinite(value) or value >= DIVERGED_LOSS else None
+
+
+def _finish(run_dir, record, status, returncode, first_bad=None):
     log_path = os.path.join(run_dir, "caffe.log")
+    kept = None
+    if status == "diverged":
+        removed, kept = runs.drop_diverged_snapshots(run_dir, first_bad)
+        if removed:
+            with open(log_path, "a") as log:
+                log.write(caffelog.glog_line("tinycaffe: removed %d snapshot file(s) with diverged weights: %s"
+                                             % (len(removed), ", ".join(os.path.basename(p) for p in removed)), "W"))
     train, test = caffelog.write_outputs(log_path, run_dir, title="%s (%s)" % (record["variant"], run_dir))
-    final = {"iterations": max([r["NumIters"] for r in train + test], default=0)}
+    # The true last iteration: the final snapshot's (Caffe writes it after its last step), else the log's.
+    final = {"iterations": max([r["NumIters"] for r in train + test] + [runs.newest_snapshot_iteration(run_dir)])}
+    if status == "diverged":
+        final["iterations"] = max([r["NumIters"] for r in train + test], default=0)
+        final["first_bad_iteration"] = first_bad
+        final["last_good_snapshot"] = kept
     if test:
         last = test[-1]
         final.update({k: v for k, v in last.items() if k not in ("NumIters", "Seconds", "LearningRate")})
+        final["tested_at"] = last["NumIters"]
         for key in ("accuracy_top1", "accuracy_top5"):
             values = [r[key] for r in test if key in r and math.isfinite(r[key])]
             if values:
@@ -174,11 +242,14 @@ def _finish(run_dir, record, status, returncode):
     runs.save_record(run_dir, record)
     print("[train] %s after %d iterations%s; run dir %s (curves.png, train.csv, test.csv, run.json)"
           % (status, final["iterations"],
-             ", val top-1 %.4f (best %.4f)" % (final["accuracy_top1"], final.get("best_accuracy_top1", math.nan))
+             ", val top-1 %.4f at iteration %d (best %.4f)"
+             % (final["accuracy_top1"], final["tested_at"], final.get("best_accuracy_top1", math.nan))
              if "accuracy_top1" in final else "", run_dir), file=sys.stderr)
     if status == "diverged":
-        print("[train] error: the loss diverged (NaN or >= %.1f); lower base_lr or check the data; "
-              "resume from the last good snapshot with --resume" % DIVERGED_LOSS, file=sys.stderr)
+        print("[train] error: the loss diverged at iteration %s (NaN or >= %.1f); lower base_lr or check the data. "
+              "%s" % (first_bad if first_bad is not None else "?", DIVERGED_LOSS,
+                      "Last good snapshot: %s (resume from it with --resume)" % kept if kept
+                      else "No good snapshot remains: start again"), file=sys.stderr)
     return {"finished": 0, "interrupted": 130, "diverged": 3}.get(status, returncode or 1)
 
 
@@ -204,13 +275,25 @@ class Worker:
         self.anneal, self.patience, self.min_delta = anneal, patience, min_delta
         self.max_anneals, self.anneals = max_anneals, anneals_done
         self.lr = self.param.base_lr * ANNEAL_FACTOR ** anneals_done
-        self.best, self.waits, self.last_test = -1.0, 0, {}
+        self.best, self.waits, self.last_test, self.tested_at = -1.0, 0, {}, None
         self.solver = None
+        self.stop_signal = None  # SIGINT (Ctrl-C) or SIGTERM, acted on after the current step
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._request_stop)
+
+    def _request_stop(self, signum, frame):
+        # A flag, not an exception: Ctrl-C reaches this process and the parent forwards SIGINT
+        # too, and a second signal must not cut the snapshot of the first short.
+        self.stop_signal = signum
 
     def _build(self, state=None, weights=None):
-        """A solver from the run's parameters, testing off (we test), the LR ours in plateau mode."""
+        """A solver from the run's parameters, testing off (we test), the LR ours in plateau mode;
+        restored from state with the TRAIN data continuing where that state left it."""
         p = caffe_pb2().SolverParameter()
         p.CopyFrom(self.param)
+        if state:
+            p.net = runs.read_message(runs.continue_data_stream(self.run_dir, self.param, state),
+                                      caffe_pb2().SolverParameter()).net
         # Caffe insists on test_interval > 0 when there is a test net: one it never reaches.
         p.test_interval = p.max_iter + 1
         p.test_initialization = False
@@ -246,29 +329,25 @@ class Worker:
         _log("Iteration %d, Testing net (#0)" % self.solver.iter)
         for i, (k, v) in enumerate(results.items()):
             _log("    Test net output #%d: %s = %g" % (i, k, v))
-        self.last_test = results
+        self.last_test, self.tested_at = results, self.solver.iter
         return results
 
     def plateau(self, top1):
         """True when the run should stop; anneals the LR when val top-1 stalls."""
-        if top1 > self.best + self.min_delta:
-            self.best, self.waits = top1, 0
-            return False
-        self.waits += 1
-        if self.waits < self.patience:
-            return False
-        if self.anneals >= self.max_anneals:
+        action, self.best, self.waits = plateau_step(top1, self.best, self.waits, self.min_delta, self.patience,
+                                                     self.anneals, self.max_anneals)
+        if action == "stop":
             _log("tinycaffe: plateau after %d anneals: stopping at iteration %d" % (self.anneals, self.solver.iter))
             return True
-        old = self.lr
-        self.lr *= ANNEAL_FACTOR
-        self.anneals += 1
-        self.waits = 0
-        self.solver.snapshot()
-        state = runs.newest_solverstate(self.run_dir)
-        self._build(state=state)
-        _log("tinycaffe: plateau anneal %d at iteration %d: lr %g -> %g (val top-1 %.4f, best %.4f, patience %d)"
-             % (self.anneals, self.solver.iter, old, self.lr, top1, self.best, self.patience))
+        if action == "anneal":
+            old = self.lr
+            self.lr *= ANNEAL_FACTOR
+            self.anneals += 1
+            self.solver.snapshot()
+            state = runs.newest_solverstate(self.run_dir)
+            self._build(state=state)
+            _log("tinycaffe: plateau anneal %d at iteration %d: lr %g -> %g (val top-1 %.4f, best %.4f, patience %d)"
+                 % (self.anneals, self.solver.iter, old, self.lr, top1, self.best, self.patience))
         return False
 
     def run(self, state=None, weights=None):
@@ -278,39 +357,59 @@ class Worker:
         batch = s.net.blobs["data"].data.shape[0]
         t0, it0 = time.time(), s.iter
         _log("tinycaffe: pycaffe loop from iteration %d to %d, anneal %s" % (s.iter, p.max_iter, self.anneal))
-        try:
-            while self.solver.iter < p.max_iter:
-                s = self.solver
-                nxt = min(p.max_iter, (s.iter // chunk + 1) * chunk)
-                if p.test_interval:
-                    nxt = min(nxt, (s.iter // p.test_interval + 1) * p.test_interval)
-                s.step(nxt - s.iter)
-                loss = float(s.net.blobs["loss"].data)
-                if not math.isfinite(loss) or loss >= DIVERGED_LOSS:
-                    _log("Iteration %d, loss = %g" % (s.iter, loss))
-                    _log("tinycaffe: loss diverged at iteration %d; no snapshot of these weights" % s.iter, "E")
-                    return 3
-                rate = (s.iter - it0) * batch / max(time.time() - t0, 1e-9)
-                eta = (p.max_iter - s.iter) * batch / max(rate, 1e-9)
-                if p.test_interval and s.iter % p.test_interval == 0:
-                    results = self.test()
-                    if self.anneal == "plateau" and self.plateau(results.get("accuracy_top1", 0.0)):
-                        break
-                top = self.last_test
-                _log("tinycaffe: iter %d/%d | %.0f img/s | ETA %s | loss %.4f | lr %g%s"
-                     % (s.iter, p.max_iter, rate, time.strftime("%H:%M:%S", time.gmtime(eta)), loss,
-                        self.current_lr(), " | val top-1 %.4f top-5 %.4f" % (top.get("accuracy_top1", math.nan),
-                                                                           top.get("accuracy_top5", math.nan))
-                        if top else ""))
-        except KeyboardInterrupt:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the snapshot short
+        while self.solver.iter < p.max_iter and not self.stop_signal:
+            s = self.solver
+            nxt = min(p.max_iter, (s.iter // chunk + 1) * chunk)
+            if p.test_interval:
+                nxt = min(nxt, (s.iter // p.test_interval + 1) * p.test_interval)
+            s.step(nxt - s.iter)
+            loss = float(s.net.blobs["loss"].data)
+            if not math.isfinite(loss) or loss >= DIVERGED_LOSS:
+                _log("Iteration %d, loss = %g" % (s.iter, loss))
+                _log("tinycaffe: loss diverged at iteration %d; no snapshot of these weights" % s.iter, "E")
+                return 3
+            if self.stop_signal:
+                break
+            rate = (s.iter - it0) * batch / max(time.time() - t0, 1e-9)
+            eta = (p.max_iter - s.iter) * batch / max(rate, 1e-9)
+            if p.test_interval and s.iter % p.test_interval == 0:
+                results = self.test()
+                if self.anneal == "plateau" and self.plateau(results.get("accuracy_top1", 0.0)):
+                    break
+            top = self.last_test
+            _log("tinycaffe: iter %d/%d | %.0f img/s | ETA %s | loss %.4f | lr %g%s"
+                 % (s.iter, p.max_iter, rate, time.strftime("%H:%M:%S", time.gmtime(eta)), loss,
+                    self.current_lr(), " | val top-1 %.4f top-5 %.4f" % (top.get("accuracy_top1", math.nan),
+                                                                       top.get("accuracy_top5", math.nan))
+                    if top else ""))
+        if self.stop_signal:  # Ctrl-C, SIGTERM, or SIGTERM that the parent turned into SIGINT
             self.solver.snapshot()
-            _log("tinycaffe: interrupted at iteration %d; snapshot written" % self.solver.iter, "W")
+            _log("tinycaffe: interrupted (%s) at iteration %d; snapshot written"
+                 % (signal.Signals(self.stop_signal).name, self.solver.iter), "W")
             return 130
+        if self.param.test_iter and self.tested_at != self.solver.iter:
+            self.test()  # every run ends with a val number at its last iteration
         if not p.snapshot or self.solver.iter % p.snapshot:
             self.solver.snapshot()
         _log("Optimization Done.")
         return 0
+
+    def test_only(self, state):
+        """Restore state and test once (the binary engine's final test)."""
+        self._build(state)
+        self.test()
+        return 0
+
+
+def plateau_step(top1, best, waits, min_delta, patience, anneals, max_anneals):
+    """One test result through the plateau rule -> (action, best, waits); action is "improved",
+    "wait", "anneal" (divide the LR) or "stop" (a plateau after max_anneals anneals)."""
+    if top1 > best + min_delta:
+        return "improved", top1, 0
+    waits += 1
+    if waits < patience:
+        return "wait", best, waits
+    return ("stop", best, waits) if anneals >= max_anneals else ("anneal", best, 0)
 
 
 def worker_main(argv):
@@ -325,8 +424,11 @@ def worker_main(argv):
     p.add_argument("--gpu", default=None)
     p.add_argument("--state", default=None)
     p.add_argument("--weights", default=None)
+    p.add_argument("--test-only", action="store_true")
     a = p.parse_args(argv)
     worker = Worker(a.worker, a.anneal, a.patience, a.min_delta, a.max_anneals, a.anneals_done, a.gpu)
+    if a.test_only:
+        return worker.test_only(a.state)
     return worker.run(a.state, a.weights)
 
 

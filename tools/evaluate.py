@@ -19,7 +19,6 @@ from tinycaffe.files import atomic_open, write_text  # noqa: E402
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__)
     evaluate.add_model_arguments(p, "labelled LMDB")
-    p.add_argument("--labels", default=None, help="labels.txt (default: the one beside the LMDB)")
     p.add_argument("--tta", default="center", choices=evaluate.TTA_MODES,
                    help="test-time augmentation (default center)")
     p.add_argument("--batch", type=int, default=evaluate.DEFAULT_BATCH,
@@ -34,32 +33,32 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        evaluate.resolve_data_arguments(args)
+        evaluate.check_batch(args.batch)
         gpu = runs.parse_gpu(args.gpu, several=False)
-        labels_path = args.labels or os.path.join(os.path.dirname(os.path.normpath(args.lmdb)), "labels.txt")
-        labels = data.read_labels(labels_path)
-        if not os.path.isfile(args.mean):
-            raise evaluate.EvalError("%s: no such mean file (expected mean.binaryproto from make_lmdb.py)" % args.mean)
-        mean = data.read_mean(args.mean)
+        labels = data.read_labels(args.labels)
+        evaluate.require_lmdb_kind(args.lmdb, "labelled", "evaluate.py")
         net = evaluate.load_net(args.deploy, args.weights, gpu)
-        classes = net.blobs[evaluate.output_blob(net)].data.shape[1]
-        if classes != len(labels):
-            raise evaluate.EvalError("%s has %d classes but %s lists %d: LMDB and model come from different "
-                                     "datasets" % (args.deploy, classes, labels_path, len(labels)))
+        evaluate.check_classes(net, args.deploy, args.labels)
+        mean = evaluate.read_mean_for(args.mean, args.lmdb, net.blobs["data"].data.shape[-1])
+        classes = evaluate.net_classes(net)
         total = data.lmdb_count(args.lmdb)
         with tqdm(total=total, unit="img", desc="evaluate", disable=args.quiet) as bar:
-            keys, y, probs, _, seconds = evaluate.predict([(net, 1.0)], args.lmdb, mean, args.tta, args.batch,
-                                                          bar.update)
+            pred = evaluate.predict([(net, 1.0)], args.lmdb, mean, args.tta, args.batch, bar.update)
     except (evaluate.EvalError, data.DataError, runs.RunError, CaffeNotFound) as exc:
         print("evaluate.py: error: %s" % exc, file=sys.stderr)
         return 1
+    y, probs, seconds = pred.labels, pred.probs, pred.seconds
     if (y < 0).any():
         print("evaluate.py: error: %s has unlabeled records (label -1): evaluate on val, not test" % args.lmdb,
               file=sys.stderr)
         return 1
-    top1, top5 = evaluate.topk_accuracy(probs, y, 1), evaluate.topk_accuracy(probs, y, 5)
+    # One model: rank its scores, as Caffe's Accuracy layer does in `caffe test`.
+    scores = pred.model_scores[0]
+    top1, top5 = evaluate.topk_accuracy(scores, y, 1), evaluate.topk_accuracy(scores, y, 5)
     out = args.out or evaluate.run_dir_of(args.weights)
     os.makedirs(out, exist_ok=True)
-    per_class = evaluate.per_class_accuracy(probs, y, classes)
+    per_class = evaluate.per_class_accuracy(scores, y, classes)
     csv_path = os.path.join(out, "per_class_%s.csv" % args.tta)
     with atomic_open(csv_path, newline="") as f:
         w = csv.writer(f)

@@ -18,8 +18,10 @@ def build_parser():
     p.add_argument("--variants", default="all",
                    help="all, or comma-separated names from: %s (default all)" % ", ".join(nets.VARIANTS))
     p.add_argument("--out", default=gen.DEFAULT_OUT, help="output folder (default %s)" % gen.DEFAULT_OUT)
-    p.add_argument("--lmdb-dir", default=gen.DEFAULT_LMDB_DIR,
-                   help="where make_lmdb.py wrote, as written into the nets (default %s)" % gen.DEFAULT_LMDB_DIR)
+    p.add_argument("--lmdb-dir", default=None,
+                   help="where make_lmdb.py wrote, as written into the nets (default %s); with --check, the "
+                        "data the nets are checked against (default: the LMDBs their Data layers read)"
+                   % gen.DEFAULT_LMDB_DIR)
     p.add_argument("--crop", type=int, default=gen.DEFAULT_CROP, help="crop side (default %d)" % gen.DEFAULT_CROP)
     p.add_argument("--batch-size", type=int, default=None,
                    help="train batch (default per variant: %s)"
@@ -59,9 +61,9 @@ def _num_classes(args):
     return gen.DEFAULT_NUM_CLASSES
 
 
-def run_check(files):
+def run_check(files, lmdb_dir):
     from tinycaffe import check
-    problems = check.check_files(files)
+    problems = check.check_files(files, lmdb_dir=lmdb_dir)
     for problem in problems:
         print("problem: " + problem, file=sys.stderr)
     print("%d file(s) checked, %d problem(s)" % (len(files), len(problems)))
@@ -72,13 +74,13 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         if args.check:
-            return run_check(args.check)
+            return run_check(args.check, args.lmdb_dir)
         names = list(nets.VARIANTS) if args.variants == "all" else [v for v in args.variants.split(",") if v]
         unknown = [n for n in names if n not in nets.VARIANTS]
         if unknown or not names:
             return _fail("--variants: unknown %s (valid: all, %s)" % (",".join(unknown) or "(none)",
                                                                       ", ".join(nets.VARIANTS)))
-        cfg = gen.GenConfig(out=args.out, lmdb_dir=args.lmdb_dir, crop=args.crop, batch_size=args.batch_size,
+        cfg = gen.GenConfig(out=args.out, lmdb_dir=args.lmdb_dir or gen.DEFAULT_LMDB_DIR, crop=args.crop, batch_size=args.batch_size,
                             schedule=args.schedule, solver=args.solver, mode=args.mode, max_iter=args.max_iter,
                             test_interval=args.test_interval,
                             num_classes=_num_classes(args), val_size=args.val_size, seed=args.seed)

@@ -22,11 +22,7 @@ def build_parser():
                    help="a model to average (repeat for an ensemble)")
     p.add_argument("--weight", type=float, action="append",
                    help="weight of each --model in the average, in order (default: all equal)")
-    p.add_argument("--lmdb", default=evaluate.DEFAULT_TEST_LMDB,
-                   help="test LMDB (default %s)" % evaluate.DEFAULT_TEST_LMDB)
-    p.add_argument("--labels", default=None, help="labels.txt (default: the one beside the LMDB)")
-    p.add_argument("--mean", default=evaluate.DEFAULT_MEAN,
-                   help="mean.binaryproto (default %s)" % evaluate.DEFAULT_MEAN)
+    evaluate.add_data_arguments(p, "test LMDB", evaluate.DEFAULT_TEST_LMDB)
     p.add_argument("--tta", default="center", choices=evaluate.TTA_MODES, help="test-time augmentation (default center)")
     p.add_argument("--batch", type=int, default=evaluate.DEFAULT_BATCH,
                    help="images per forward (default %d)" % evaluate.DEFAULT_BATCH)
@@ -36,6 +32,9 @@ def build_parser():
                                                     "(default: none)")
     p.add_argument("--val-lmdb", default=None, help="first report each model's and the ensemble's val top-1 "
                                                     "on this LMDB (default: skip)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="write the file even when test images are missing from the LMDB (skipped by make_lmdb "
+                        "--skip-bad); default: refuse")
     p.add_argument("--validate", metavar="FILE", default=None, help="check FILE instead of writing one")
     return p
 
@@ -45,7 +44,7 @@ def fail(message):
     return 1
 
 
-def load_models(args, labels, labels_path, gpu):
+def load_models(args, gpu):
     weights = args.weight or [1.0] * len(args.model)
     if len(weights) != len(args.model):
         raise evaluate.EvalError("%d --weight values for %d --model pairs" % (len(weights), len(args.model)))
@@ -54,19 +53,17 @@ def load_models(args, labels, labels_path, gpu):
     pairs = []
     for (deploy, caffemodel), w in zip(args.model, weights):
         net = evaluate.load_net(deploy, caffemodel, gpu)
-        classes = net.blobs[evaluate.output_blob(net)].data.shape[1]
-        if classes != len(labels):
-            raise evaluate.EvalError("%s has %d classes but %s lists %d: test LMDB and model come from different "
-                                     "datasets" % (deploy, classes, labels_path, len(labels)))
+        evaluate.check_classes(net, deploy, args.labels)
         pairs.append((net, w))
     return pairs
 
 
 def report_val(pairs, args, mean):
-    _, y, ensemble, per_model, _ = evaluate.predict(pairs, args.val_lmdb, mean, args.tta, args.batch)
-    for (_, caffemodel), probs in zip(args.model, per_model):
-        print("val top-1 %.4f  %s" % (evaluate.topk_accuracy(probs, y, 1), caffemodel))
-    print("val top-1 %.4f  ensemble of %d" % (evaluate.topk_accuracy(ensemble, y, 1), len(pairs)))
+    """Val top-1 by Caffe's rule: each model on its own scores, the ensemble on the averaged softmax."""
+    pred = evaluate.predict(pairs, args.val_lmdb, mean, args.tta, args.batch)
+    for (_, caffemodel), scores in zip(args.model, pred.model_scores):
+        print("val top-1 %.4f  %s" % (evaluate.topk_accuracy(scores, pred.labels, 1), caffemodel))
+    print("val top-1 %.4f  ensemble of %d" % (evaluate.topk_accuracy(pred.probs, pred.labels, 1), len(pairs)))
 
 
 def write_top5(path, names, probs, labels):
@@ -79,43 +76,67 @@ def write_top5(path, names, probs, labels):
             w.writerow([names[i]] + [labels[c][0] for c in top] + ["%.6f" % probs[i][c] for c in top])
 
 
+def check_writable(path, flag):
+    """Before any inference: the folder of an output file must exist."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise evaluate.EvalError("%s %s: no such directory %s" % (flag, path, folder))
+
+
+def validate(args, wnids, names):
+    if not os.path.isfile(args.validate):
+        return fail("%s: no such file" % args.validate)
+    problems = submit.validate_file(args.validate, names, wnids)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        return 1
+    with open(args.validate) as f:
+        used = len({line.split()[1] for line in f})
+    print("%s: valid, %d images, %d classes used" % (args.validate, len(names), used))
+    return 0
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    labels_path = args.labels or os.path.join(os.path.dirname(os.path.normpath(args.lmdb)), "labels.txt")
     try:
+        evaluate.resolve_data_arguments(args)
+        evaluate.check_batch(args.batch)
         gpu = runs.parse_gpu(args.gpu, several=False) if not args.validate else None
-        labels = data.read_labels(labels_path)
+        labels = data.read_labels(args.labels)
         wnids = [w for w, _ in labels]
+        evaluate.require_lmdb_kind(args.lmdb, "test", "a submission")
         names = submit.expected_names(args.lmdb)
         if args.validate:
-            if not os.path.isfile(args.validate):
-                return fail("%s: no such file" % args.validate)
-            problems = submit.validate_file(args.validate, names, wnids)
-            for problem in problems:
-                print(problem, file=sys.stderr)
-            if problems:
-                return 1
-            print("%s: valid, %d images, %d classes used" % (args.validate, len(names),
-                                                             len({line.split()[1] for line in open(args.validate)})))
-            return 0
+            return validate(args, wnids, names)
         if not args.model or not args.out:
             return fail("give --model DEPLOY WEIGHTS (one or more) and --out FILE, or --validate FILE")
-        if not os.path.isfile(args.mean):
-            return fail("%s: no such mean file (expected mean.binaryproto from make_lmdb.py)" % args.mean)
-        mean = data.read_mean(args.mean)
-        pairs = load_models(args, labels, labels_path, gpu)
+        check_writable(args.out, "--out")
+        if args.top5_csv:
+            check_writable(args.top5_csv, "--top5-csv")
+        if args.val_lmdb:
+            evaluate.require_lmdb_kind(args.val_lmdb, "labelled", "--val-lmdb")
+        pairs = load_models(args, gpu)
+        mean = evaluate.read_mean_for(args.mean, args.lmdb, pairs[0][0].blobs["data"].data.shape[-1])
+        missing = submit.missing_names(names, args.lmdb)
+        if missing and not args.allow_missing:
+            raise submit.SubmissionError(
+                "%s lacks %d of the %d test images of its manifest (first %s, skipped by make_lmdb --skip-bad): "
+                "the scoreboard counts them wrong; fix the images and rerun make_lmdb, or pass --allow-missing"
+                % (args.lmdb, len(missing), len(names), missing[0]))
         if args.val_lmdb:
             report_val(pairs, args, mean)
-        keys, _, probs, _, seconds = evaluate.predict(pairs, args.lmdb, mean, args.tta, args.batch)
-        test_names = [submit.name_of_key(k) for k in keys]
-        count = submit.write(args.out, test_names, [wnids[c] for c in probs.argmax(1)], wnids)
+        pred = evaluate.predict(pairs, args.lmdb, mean, args.tta, args.batch)
+        test_names = [submit.name_of_key(k) for k in pred.keys]
+        count = submit.write(args.out, test_names, [wnids[c] for c in pred.probs.argmax(1)], wnids)
         if args.top5_csv:
-            write_top5(args.top5_csv, test_names, probs, labels)
+            write_top5(args.top5_csv, test_names, pred.probs, labels)
     except (evaluate.EvalError, submit.SubmissionError, data.DataError, runs.RunError, CaffeNotFound) as exc:
         return fail(str(exc))
-    print("wrote %s: %d lines, %d model(s), tta %s, validated (%.0f images/s)%s"
-          % (args.out, count, len(pairs), args.tta, count / max(seconds, 1e-9),
-             "; top-5 in %s" % args.top5_csv if args.top5_csv else ""))
+    print("wrote %s: %d lines, %d model(s), tta %s, validated (%.0f images/s)%s%s"
+          % (args.out, count, len(pairs), args.tta, count / max(pred.seconds, 1e-9),
+             "; top-5 in %s" % args.top5_csv if args.top5_csv else "",
+             "; %d test images missing (--allow-missing): first %s" % (len(missing), missing[0]) if missing else ""))
     return 0
 
 

@@ -25,7 +25,7 @@ def build_parser(prog=None, default_engine="pycaffe"):
                         "(default: start a new run)")
     p.add_argument("--weights", default=None, help="initialise from this .caffemodel (default: the fillers)")
     p.add_argument("--run-dir", default=None, help="run directory (default runs/<variant>/<timestamp>)")
-    p.add_argument("--runs-root", default=runs.DEFAULT_RUNS, help="where run directories go (default %s)"
+    p.add_argument("--runs-root", default=None, help="where run directories go (default %s under the repo)"
                    % runs.DEFAULT_RUNS)
     p.add_argument("--engine", choices=("pycaffe", "binary"), default=default_engine,
                    help="pycaffe loop or the caffe binary (default %s)" % default_engine)

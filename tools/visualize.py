@@ -29,17 +29,18 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     out = args.out or evaluate.run_dir_of(args.weights)
     try:
+        evaluate.resolve_data_arguments(args)
         gpu = runs.parse_gpu(args.gpu, several=False)
         net = evaluate.load_net(args.deploy, args.weights, gpu)
-        if not os.path.isfile(args.mean):
-            raise evaluate.EvalError("%s: no such mean file" % args.mean)
-        mean = data.read_mean(args.mean)
+        if os.path.isfile(args.labels):
+            evaluate.check_classes(net, args.deploy, args.labels)
+        crop = net.blobs["data"].data.shape[-1]
+        mean = evaluate.read_mean_for(args.mean, args.lmdb, crop)
         records = list(data.iter_lmdb(args.lmdb, limit=args.index + 1))
         if len(records) <= args.index:
             raise evaluate.EvalError("--index %d: %s has only %d records" % (args.index, args.lmdb, len(records)))
         key, datum = records[args.index]
         chw = np.frombuffer(datum.data, np.uint8).reshape(datum.channels, datum.height, datum.width)
-        crop = net.blobs["data"].data.shape[-1]
         y, x, _ = evaluate.crop_offsets(chw.shape[-1], crop, "center")[0]
         image = (chw.astype(np.float32) - mean)[:, y:y + crop, x:x + crop]
     except (evaluate.EvalError, data.DataError, runs.RunError, CaffeNotFound) as exc:

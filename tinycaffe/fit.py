@@ -1,0 +1,113 @@
+"""Does a net fit the data it is about to meet? Checked before Caffe starts, because Caffe
+answers a mismatch late and badly: a label >= the net's class outputs writes out of bounds
+(training logs meaningless accuracies, then `double free or corruption`), and an image
+smaller than the crop aborts (`datum_height >= crop_size`) or, in numpy, crops at a
+negative offset.
+
+What a dataset is comes from the files make_lmdb.py writes beside every LMDB:
+labels.txt (one line a class), manifest.json (num_classes, settings.size) and the
+Datums themselves (the first record's shape).
+"""
+import json
+import os
+
+from . import data
+
+LOSS_TYPES = ("SoftmaxWithLoss", "Accuracy", "Softmax", "SigmoidCrossEntropyLoss")
+CLASSIFIER_TYPES = ("InnerProduct", "Convolution")
+
+
+class FitError(Exception):
+    """A net and a dataset that do not go together: one line naming both numbers."""
+
+
+def dataset_dir(lmdb_path):
+    """The folder make_lmdb.py wrote (the LMDB's parent)."""
+    return os.path.dirname(os.path.normpath(os.path.abspath(lmdb_path)))
+
+
+def beside(lmdb_path, name):
+    """name (labels.txt, mean.binaryproto, manifest.json) in the LMDB's folder, or None."""
+    path = os.path.join(dataset_dir(lmdb_path), name)
+    return path if os.path.isfile(path) else None
+
+
+def read_manifest(lmdb_path):
+    """manifest.json beside the LMDB as a dict, or None when there is none."""
+    path = beside(lmdb_path, "manifest.json")
+    if not path:
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise FitError("%s: not a make_lmdb.py manifest (%s)" % (path, exc)) from exc
+
+
+def dataset_classes(lmdb_path):
+    """(class count, the file that says so) from labels.txt or the manifest beside the LMDB;
+    (None, None) when neither is there (an LMDB of unknown origin is not second-guessed)."""
+    labels = beside(lmdb_path, "labels.txt")
+    if labels:
+        return len(data.read_labels(labels)), labels
+    manifest = read_manifest(lmdb_path)
+    if manifest and "num_classes" in manifest:
+        return int(manifest["num_classes"]), beside(lmdb_path, "manifest.json")
+    return None, None
+
+
+def image_shape(lmdb_path):
+    """(channels, height, width) of the LMDB's first record, or None for an empty LMDB."""
+    for _, datum in data.iter_lmdb(lmdb_path, limit=1):
+        return datum.channels, datum.height, datum.width
+    return None
+
+
+def net_classes(net_param):
+    """(class outputs, layer name) of a NetParameter: the num_output of the layer feeding
+    its loss, accuracy or softmax; None when the net has no such layer."""
+    producers = {}
+    for layer in net_param.layer:
+        for top in layer.top:
+            producers[top] = layer
+    for layer in net_param.layer:
+        if layer.type in LOSS_TYPES and layer.bottom:
+            source = producers.get(layer.bottom[0])
+            if source is not None and source.type == "InnerProduct":
+                return source.inner_product_param.num_output, source.name
+            if source is not None and source.type == "Convolution":
+                return source.convolution_param.num_output, source.name
+    return None
+
+
+def check_classes(outputs, where, lmdb_path, labels_path=None):
+    """Refuse a net whose class outputs differ from the dataset's class count."""
+    if labels_path:
+        count, said_by = len(data.read_labels(labels_path)), labels_path
+    else:
+        count, said_by = dataset_classes(lmdb_path)
+    if count is not None and outputs != count:
+        raise FitError("%s has %d class outputs but %s lists %d classes: the net and the data (%s) come from "
+                       "different datasets (regenerate the net with --num-classes %d or --labels %s)"
+                       % (where, outputs, said_by, count, lmdb_path, count, said_by))
+
+
+def check_crop(crop, where, lmdb_path):
+    """Refuse a crop larger than the LMDB's images (Caffe aborts on it)."""
+    shape = image_shape(lmdb_path)
+    if shape and crop and (shape[1] < crop or shape[2] < crop):
+        raise FitError("%s crops %dx%d but the images of %s are %dx%d: make the LMDB with --size >= %d "
+                       "or generate the net with --crop <= %d"
+                       % (where, crop, crop, lmdb_path, shape[1], shape[2], crop, min(shape[1:])))
+
+
+def check_data_layers(net_param, net_path, labels_path=None):
+    """Every Data layer of a train_val net against its own LMDB: class count and crop."""
+    found = net_classes(net_param)
+    for layer in net_param.layer:
+        if layer.type != "Data" or not os.path.isfile(os.path.join(layer.data_param.source, "data.mdb")):
+            continue
+        source = layer.data_param.source
+        if found:
+            check_classes(found[0], "%s (layer '%s')" % (net_path, found[1]), source, labels_path)
+        check_crop(layer.transform_param.crop_size, "%s (layer '%s')" % (net_path, layer.name), source)
