@@ -430,3 +430,17 @@ def test_plateau_decisions(history, patience, anneals, max_anneals, actions):
         action, best, waits = train.plateau_step(top1, best, waits, 0.002, patience, anneals, max_anneals)
         got.append(action)
     assert got == actions
+
+
+def test_a_net_without_mean_file_trains(repo, lmdb_dir, tmp_path):
+    """The run's copy of the net (paths made absolute) must not invent an empty mean_file."""
+    solver = make_solver(lmdb_dir, tmp_path / "p", max_iter=10, test_interval=10, display=5)
+    net_path = os.path.join(str(tmp_path / "p"), "tiny", "train_val.prototxt")
+    net = caffe_pb2().NetParameter()
+    text_format.Merge(open(net_path).read(), net)
+    for layer in net.layer[:2]:
+        layer.transform_param.ClearField("mean_file")
+    open(net_path, "w").write(text_format.MessageToString(net))
+    out = run(repo, ["bash", "scripts/train.sh", solver, "--gpu", "cpu", "--runs-root", str(tmp_path / "runs")])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "mean_file:" not in open(os.path.join(only_run_dir(tmp_path / "runs"), "train_val.prototxt")).read()

@@ -200,6 +200,9 @@ def predict(nets_and_weights, lmdb_path, mean, tta="center", batch=DEFAULT_BATCH
     check_batch(batch)
     nets = [n for n, _ in nets_and_weights]
     crop = nets[0].blobs["data"].data.shape[-1]
+    crops = {n.blobs["data"].data.shape[-1] for n in nets}
+    if len(crops) != 1:
+        raise EvalError("the models' deploy nets take different crops %s: an ensemble needs one" % sorted(crops))
     classes = {net_classes(n) for n in nets}
     if len(classes) != 1:
         raise EvalError("the models disagree on the class count: %s" % sorted(classes))

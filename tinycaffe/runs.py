@@ -139,7 +139,9 @@ def precheck(solver, solver_path, base=REPO_ROOT):
         if not os.path.isfile(os.path.join(source, "data.mdb")):
             raise RunError("%s: layer '%s' reads %s, which is not an LMDB (run tools/make_lmdb.py first)"
                            % (net_path, layer.name, source))
-        layer.transform_param.mean_file = mean = _absolute(layer.transform_param.mean_file, base)
+        mean = _absolute(layer.transform_param.mean_file, base)
+        if mean:  # assigning "" would set the field, and Caffe would try to open a mean file ""
+            layer.transform_param.mean_file = mean
         if mean and not os.path.isfile(mean):
             raise RunError("%s: layer '%s' needs mean file %s, which does not exist" % (net_path, layer.name, mean))
     try:
