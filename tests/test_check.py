@@ -101,3 +101,16 @@ def test_table_counts_parameters_and_flops(caffe, repo):
     assert rows["conv1_1"]["flops"] == 2 * 16 * 60 * 60 * 3 * 3 * 3
     assert rows["fc1"]["flops"] == 2 * 128 * 64 * 8 * 8
     assert rows["prob"]["tops"] == [[1, 200]]
+
+
+def test_generated_files_read_their_data_from_the_repo_root_from_any_directory(repo, tmp_path):
+    """prototxt/ files say their paths are relative to the repo root: --check from elsewhere looks there."""
+    out = subprocess.run([sys.executable, os.path.join(repo, TOOL), "--check",
+                          os.path.join(repo, "prototxt", "tiny", "train_val.prototxt")],
+                         cwd=str(tmp_path), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    note = "source %s is not readable yet" % os.path.join(repo, "data", "lmdb", "train_lmdb")
+    if os.path.isdir(os.path.join(repo, "data", "lmdb", "train_lmdb")):
+        assert "not readable yet" not in out.stdout  # the repo's LMDB was found and read
+    else:
+        assert note in out.stdout

@@ -286,7 +286,7 @@ def test_bad_splits_and_workers_list_valid_choices(repo, dataset, tmp_path):
 
 def test_kill_9_mid_write_leaves_nothing_at_out_dir(repo, tmp_path):
     ds = str(tmp_path / "big")
-    sample_data.generate(ds, classes=10, train=150, val=5, test=5, seed=1)
+    sample_data.generate(ds, classes=10, train=300, val=5, test=5, seed=1)
     out_dir = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, TOOL, ds, str(out_dir), "--quiet", "--workers", "1"], cwd=repo,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -298,7 +298,8 @@ def test_kill_9_mid_write_leaves_nothing_at_out_dir(repo, tmp_path):
             temp = temps[0]
         time.sleep(0.02)
     assert temp, "the converter never started writing"
-    time.sleep(0.2)
+    time.sleep(0.05)  # mid-write: 3,000 train images take seconds with one worker
+    assert proc.poll() is None, "the converter finished before it could be killed mid-write"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not out_dir.exists()

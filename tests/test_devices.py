@@ -73,10 +73,10 @@ def test_wsl2_nvidia_smi_outside_path_is_found(monkeypatch, tmp_path):
 def test_cpus_follow_the_affinity_not_the_core_count():
     """A process pinned to one CPU (taskset, a cgroup cpuset, Slurm --cpus-per-task) gets one
     OpenBLAS thread and one decode worker."""
-    code = ("from tinycaffe import devices, train; "
-            "print(devices.usable_cpus(), train.OPENBLAS_THREADS)")
+    code = ("from tinycaffe import data, devices, train; "
+            "print(devices.usable_cpus(), train.OPENBLAS_THREADS, data.default_workers())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          preexec_fn=lambda: os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}))
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["1", "1"]
+    assert out.stdout.split() == ["1", "1", "1"]
     assert devices.usable_cpus() == len(os.sched_getaffinity(0))

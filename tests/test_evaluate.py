@@ -3,6 +3,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 from google.protobuf import text_format
 from PIL import Image
 
-from tinycaffe import data, evaluate, gen, sample_data, submit, visualize
+from tinycaffe import data, evaluate, gen, nets, sample_data, submit, visualize
 from tinycaffe.caffe_env import caffe_binary, caffe_pb2
 
 
@@ -407,13 +408,52 @@ def test_one_line_errors(repo, trained, tmp_path):
     one_line_error(tool(repo, "make_submission", "--model", trained["deploy"], nowhere, *test, "--batch", "0",
                         "--out", str(tmp_path / "s.txt")), "--batch 0: expected images per forward >= 1")
     one_line_error(tool(repo, "lmdb_info", str(tmp_path / "missing_lmdb")), "missing_lmdb: no such LMDB directory")
+    one_line_error(tool(repo, "make_submission", "--model", trained["deploy"], nowhere, *test, "--out", str(tmp_path)),
+                   "--out %s: is a directory (expected a file name" % tmp_path)
 
 
-def test_mean_and_labels_default_to_the_ones_beside_the_lmdb(repo, trained, tmp_path):
-    """From another directory, with only --lmdb: X/mean.binaryproto and X/labels.txt are used."""
-    out = subprocess.run([sys.executable, os.path.join(repo, "tools", "evaluate.py"), "--deploy", trained["deploy"],
-                          "--weights", trained["w150"], "--quiet", "--lmdb",
-                          os.path.join(trained["lmdb"], "val_lmdb"), "--out", "here"],
-                         cwd=str(tmp_path), capture_output=True, text=True)
+def test_val_lmdb_of_another_dataset_is_refused_before_inference(repo, trained, tmp_path):
+    other = str(tmp_path / "other")
+    sample_data.generate(other, classes=12, train=1, val=1, test=1, seed=2)
+    data.make_lmdbs(other, str(tmp_path / "olmdb"), workers=1, splits=["val"])
+    out = tool(repo, "make_submission", "--model", trained["deploy"], trained["w150"], *lmdb_args(trained, "test"),
+               "--out", str(tmp_path / "s.txt"), "--val-lmdb", str(tmp_path / "olmdb" / "val_lmdb"))
+    one_line_error(out, "has 10 class outputs but %s lists 12 classes" % (tmp_path / "olmdb" / "labels.txt"))
+    os.unlink(tmp_path / "olmdb" / "labels.txt")  # no labels beside it: the labels in the records still tell
+    out = tool(repo, "make_submission", "--model", trained["deploy"], trained["w150"], *lmdb_args(trained, "test"),
+               "--out", str(tmp_path / "s.txt"), "--val-lmdb", str(tmp_path / "olmdb" / "val_lmdb"))
+    one_line_error(out, "val_lmdb has labels up to 11 but the models have 10 class outputs")
+    assert not (tmp_path / "s.txt").exists()
+
+
+def test_an_ensemble_of_different_crops_is_refused(trained, caffe, tmp_path):
+    narrow = tmp_path / "deploy56.prototxt"
+    narrow.write_text(text_format.MessageToString(nets.deploy("tiny", 10, 56)))
+    pairs = [(caffe.Net(trained["deploy"], caffe.TEST), 1.0), (caffe.Net(str(narrow), caffe.TEST), 1.0)]
+    mean = data.read_mean(os.path.join(trained["lmdb"], "mean.binaryproto"))
+    with pytest.raises(evaluate.EvalError) as err:
+        evaluate.predict(pairs, os.path.join(trained["lmdb"], "val_lmdb"), mean)
+    assert "take different crops [56, 60]" in str(err.value)
+
+
+def test_mean_and_labels_default_to_the_ones_beside_the_lmdb(repo, trained, small_images, tmp_path):
+    """From another directory, with only --lmdb: X/mean.binaryproto and X/labels.txt are the ones
+    read (a mean or labels planted beside the LMDB are what the errors name), never data/lmdb's."""
+    x = tmp_path / "X"
+    x.mkdir()
+    shutil.copytree(os.path.join(trained["lmdb"], "val_lmdb"), x / "val_lmdb")
+
+    def evaluate_x():
+        return subprocess.run([sys.executable, os.path.join(repo, "tools", "evaluate.py"), "--deploy",
+                               trained["deploy"], "--weights", trained["w150"], "--quiet", "--lmdb", "X/val_lmdb",
+                               "--out", "here"], cwd=str(tmp_path), capture_output=True, text=True)
+    one_line_error(evaluate_x(), "%s: missing (expected labels.txt" % (x / "labels.txt"))
+    (x / "labels.txt").write_text("".join(open(os.path.join(trained["lmdb"], "labels.txt")).readlines()[:4]))
+    one_line_error(evaluate_x(), "lists 4 classes")
+    shutil.copy(os.path.join(trained["lmdb"], "labels.txt"), x / "labels.txt")
+    shutil.copy(os.path.join(small_images, "mean.binaryproto"), x / "mean.binaryproto")
+    one_line_error(evaluate_x(), "%s is 3x32x32 but the images of" % (x / "mean.binaryproto"))
+    shutil.copy(os.path.join(trained["lmdb"], "mean.binaryproto"), x / "mean.binaryproto")
+    out = evaluate_x()
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "here" / "eval_center.json").is_file()  # --out relative to the user's directory

@@ -63,15 +63,16 @@ def _datum_side(source):
     return None
 
 
-def with_dummy_data(net, warnings):
-    """A copy of net whose Data layers are DummyData of the shape they would produce."""
+def with_dummy_data(net, warnings, base=None):
+    """A copy of net whose Data layers are DummyData of the shape they would produce (relative
+    sources read from base, default the current directory)."""
     pb2 = caffe_pb2()
     out = pb2.NetParameter()
     out.CopyFrom(net)
     for layer in out.layer:
         if layer.type not in DATA_LAYER_TYPES:
             continue
-        source = layer.data_param.source
+        source = fit.resolved_source(layer, base or os.getcwd())
         batch = layer.data_param.batch_size or 1
         shape = _datum_side(source) if source and os.path.isdir(source) else None
         if shape is None:
@@ -105,7 +106,7 @@ def inspect_net(path, phase_name):
     caffe.set_mode_cpu()
     _, net_param = parse(path)
     warnings = []
-    patched = with_dummy_data(net_param, warnings)
+    patched = with_dummy_data(net_param, warnings, fit.base_for(path))
     with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as f:
         f.write(text_format.MessageToString(patched))
     try:

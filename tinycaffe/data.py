@@ -399,13 +399,18 @@ def _install(tmp_dir, out_dir, force):
         os.rename(tmp_dir, out_dir)
 
 
+def default_workers():
+    """Decode processes: one per CPU this process may run on (its affinity, not the core count)."""
+    return devices.usable_cpus()
+
+
 def make_lmdbs(data_dir, out_dir, workers=None, seed=DEFAULT_SEED, force=False, skip_bad=False,
                splits=DEFAULT_SPLITS, size=DEFAULT_SIZE, progress_factory=None):
     """Convert data_dir into out_dir; returns the manifest dict.
 
     progress_factory(split, total) returns a callable(n) or None.
     """
-    workers = workers or devices.usable_cpus()
+    workers = workers or default_workers()
     unknown = [s for s in splits if s not in DEFAULT_SPLITS]
     if unknown or not splits:
         raise DataError("--splits: unknown %s (valid: %s)" % (",".join(unknown) or "(none)", ",".join(DEFAULT_SPLITS)))

@@ -19,8 +19,8 @@ DEFAULT_BATCH = 50  # images per forward (x crops per image)
 DEFAULT_VAL_LMDB = "data/lmdb/val_lmdb"  # make_lmdb.py's outputs, relative to the repo root
 DEFAULT_TEST_LMDB = "data/lmdb/test_lmdb"
 DEFAULT_MEAN = "data/lmdb/mean.binaryproto"
-MEAN_HELP = "mean.binaryproto (default: the one beside --lmdb, else %s)" % DEFAULT_MEAN
-LABELS_HELP = "labels.txt (default: the one beside --lmdb, else data/lmdb/labels.txt)"
+MEAN_HELP = "mean.binaryproto (default: the one beside --lmdb)"
+LABELS_HELP = "labels.txt (default: the one beside --lmdb)"
 
 
 def add_model_arguments(parser, lmdb_help, default_lmdb=DEFAULT_VAL_LMDB):
@@ -39,12 +39,12 @@ def add_data_arguments(parser, lmdb_help, default_lmdb):
 
 
 def resolve_data_arguments(args):
-    """Fill --lmdb, --mean, --labels in place: a given --lmdb brings its own mean and labels
-    (make_lmdb.py writes them beside it); defaults are the repo's data/lmdb."""
+    """Fill --lmdb, --mean, --labels in place: an LMDB brings its own mean and labels (make_lmdb.py
+    writes them beside it), never another dataset's; the default LMDB is the repo's data/lmdb."""
     args.lmdb = args.lmdb or repo_path(args.default_lmdb)
-    args.mean = args.mean or fit.beside(args.lmdb, "mean.binaryproto") or repo_path(DEFAULT_MEAN)
-    args.labels = (args.labels or fit.beside(args.lmdb, "labels.txt")
-                   or repo_path(os.path.join(os.path.dirname(DEFAULT_MEAN), "labels.txt")))
+    folder = fit.dataset_dir(args.lmdb)
+    args.mean = args.mean or os.path.join(folder, "mean.binaryproto")
+    args.labels = args.labels or os.path.join(folder, "labels.txt")
 
 
 def check_batch(batch):
@@ -140,6 +140,15 @@ def net_classes(net):
     return net.blobs[output_blob(net)].data.shape[1]
 
 
+def input_blob(net):
+    """The deploy net's image input (`data` in generated nets; whatever a hand-edited one calls it)."""
+    return net.inputs[0] if net.inputs else "data"
+
+
+def net_crop(net):
+    return net.blobs[input_blob(net)].data.shape[-1]
+
+
 # ---------------------------------------------------------------- what the data is
 def lmdb_kind(lmdb_path):
     """"test" (unlabelled records, test_N.JPEG keys) or "labelled" (val, train), from the first record."""
@@ -178,6 +187,7 @@ def read_mean_for(mean_path, lmdb_path, crop):
 
 
 def check_classes(net, deploy, labels_path):
+    """Refuse a model whose class outputs are not the labels' count."""
     count = len(data.read_labels(labels_path))
     if net_classes(net) != count:
         raise EvalError("%s has %d class outputs but %s lists %d classes: the model and the LMDB come from "
@@ -199,8 +209,8 @@ def predict(nets_and_weights, lmdb_path, mean, tta="center", batch=DEFAULT_BATCH
     """Averaged probabilities of several (net, model weight) pairs over every record -> Predictions."""
     check_batch(batch)
     nets = [n for n, _ in nets_and_weights]
-    crop = nets[0].blobs["data"].data.shape[-1]
-    crops = {n.blobs["data"].data.shape[-1] for n in nets}
+    crop = net_crop(nets[0])
+    crops = {net_crop(n) for n in nets}
     if len(crops) != 1:
         raise EvalError("the models' deploy nets take different crops %s: an ensemble needs one" % sorted(crops))
     classes = {net_classes(n) for n in nets}
@@ -214,9 +224,9 @@ def predict(nets_and_weights, lmdb_path, mean, tta="center", batch=DEFAULT_BATCH
     def flush(images):
         stack = np.stack([v for img in images for v in views(img, crop, offsets)])
         for net, (probs, scores) in zip(nets, per_model):
-            net.blobs["data"].reshape(*stack.shape)
+            net.blobs[input_blob(net)].reshape(*stack.shape)
             net.reshape()
-            net.blobs["data"].data[...] = stack
+            net.blobs[input_blob(net)].data[...] = stack
             net.forward()
             for blob, out in ((output_blob(net), probs), (score_blob(net), scores)):
                 out.append(net.blobs[blob].data.reshape(len(images), len(offsets), -1).mean(axis=1))
@@ -238,6 +248,9 @@ def predict(nets_and_weights, lmdb_path, mean, tta="center", batch=DEFAULT_BATCH
         flush(pending)
     seconds = time.time() - t0
     n_classes = classes.pop()
+    if labels and max(labels) >= n_classes:
+        raise EvalError("%s has labels up to %d but the models have %d class outputs: the LMDB comes from "
+                        "another dataset" % (lmdb_path, max(labels), n_classes))
     model_probs = [np.concatenate(p) if p else np.zeros((0, n_classes)) for p, _ in per_model]
     model_scores = [np.concatenate(s) if s else np.zeros((0, n_classes)) for _, s in per_model]
     weights = np.array([w for _, w in nets_and_weights], np.float64)

@@ -11,14 +11,33 @@ Datums themselves (the first record's shape).
 import json
 import os
 
-from . import data
+from . import REPO_ROOT, data, repo_path
+
+GENERATED_DIR = "prototxt"  # gen_prototxt.py's default output, relative to the repo root
 
 LOSS_TYPES = ("SoftmaxWithLoss", "Accuracy", "Softmax", "SigmoidCrossEntropyLoss")
 CLASSIFIER_TYPES = ("InnerProduct", "Convolution")
+# Layers that keep the channel count of their input: the classifier's width shows through them
+# (a Convolution head closed by global pooling, an in-place Dropout on the scores, ...).
+PASS_THROUGH_TYPES = ("Pooling", "Flatten", "Dropout", "ReLU", "PReLU", "ELU", "TanH", "Sigmoid", "BatchNorm",
+                      "Scale", "Power", "Bias", "AbsVal", "Split")
 
 
 class FitError(Exception):
     """A net and a dataset that do not go together: one line naming both numbers."""
+
+
+def base_for(prototxt_path):
+    """Where the relative paths inside a prototxt file point from: the repo root for the files
+    gen_prototxt.py writes under prototxt/ (their header says so), else the user's directory
+    (where Caffe would run)."""
+    inside = os.path.abspath(prototxt_path).startswith(os.path.join(repo_path(GENERATED_DIR), ""))
+    return REPO_ROOT if inside else os.getcwd()
+
+
+def resolved_source(layer, base):
+    source = layer.data_param.source
+    return source if not source or os.path.isabs(source) else os.path.normpath(os.path.join(base, source))
 
 
 def dataset_dir(lmdb_path):
@@ -64,19 +83,25 @@ def image_shape(lmdb_path):
 
 
 def net_classes(net_param):
-    """(class outputs, layer name) of a NetParameter: the num_output of the layer feeding
-    its loss, accuracy or softmax; None when the net has no such layer."""
-    producers = {}
+    """(class outputs, layer name) of a NetParameter: the num_output of the InnerProduct or
+    Convolution whose scores reach its loss, accuracy or softmax, through in-place layers and
+    layers that keep the channel count; None when no such layer is found."""
+    creators = {}  # blob -> the layer that created it (in-place layers only modify it)
     for layer in net_param.layer:
         for top in layer.top:
-            producers[top] = layer
+            if top not in layer.bottom:
+                creators[top] = layer
     for layer in net_param.layer:
-        if layer.type in LOSS_TYPES and layer.bottom:
-            source = producers.get(layer.bottom[0])
-            if source is not None and source.type == "InnerProduct":
-                return source.inner_product_param.num_output, source.name
-            if source is not None and source.type == "Convolution":
-                return source.convolution_param.num_output, source.name
+        if layer.type not in LOSS_TYPES or not layer.bottom:
+            continue
+        source, seen = creators.get(layer.bottom[0]), set()
+        while source is not None and source.type in PASS_THROUGH_TYPES and source.bottom and source.name not in seen:
+            seen.add(source.name)
+            source = creators.get(source.bottom[0])
+        if source is not None and source.type == "InnerProduct":
+            return source.inner_product_param.num_output, source.name
+        if source is not None and source.type == "Convolution":
+            return source.convolution_param.num_output, source.name
     return None
 
 
@@ -102,12 +127,14 @@ def check_crop(crop, where, lmdb_path):
 
 
 def check_data_layers(net_param, net_path, labels_path=None):
-    """Every Data layer of a train_val net against its own LMDB: class count and crop."""
-    found = net_classes(net_param)
+    """Every Data layer of a train_val net against its own LMDB: records, class count and crop."""
+    found, base = net_classes(net_param), base_for(net_path)
     for layer in net_param.layer:
-        if layer.type != "Data" or not os.path.isfile(os.path.join(layer.data_param.source, "data.mdb")):
+        source = resolved_source(layer, base)
+        if layer.type != "Data" or not os.path.isfile(os.path.join(source, "data.mdb")):
             continue
-        source = layer.data_param.source
+        if image_shape(source) is None:
+            raise FitError("%s: layer '%s' reads %s, which is empty (no records)" % (net_path, layer.name, source))
         if found:
             check_classes(found[0], "%s (layer '%s')" % (net_path, found[1]), source, labels_path)
         check_crop(layer.transform_param.crop_size, "%s (layer '%s')" % (net_path, layer.name), source)

@@ -23,7 +23,6 @@ from .caffe_env import caffe_pb2
 from .files import PrototxtError, read_prototxt, write_text
 
 DEFAULT_RUNS = "runs"  # where run directories go, relative to the repo root
-DEFAULT_PROTOTXT = "prototxt"  # the committed variants, relative to the repo root
 DATA_LAYER_TYPES = ("Data",)
 RESUME_SOLVER = "resume_solver.prototxt"  # the run's solver, pointing at RESUME_NET
 RESUME_NET = "resume_train_val.prototxt"  # the run's net, TRAIN Data layers at start_offset
@@ -41,11 +40,10 @@ def resolve_solver(target, prototxt_dir=None):
     to the user's directory. Paths inside a solver or net are Caffe's: relative to where
     Caffe runs, which for the generated files under prototxt/ is the repo root (their
     header says so), and for any other file the user's directory."""
-    prototxt_dir = prototxt_dir or repo_path(DEFAULT_PROTOTXT)
+    prototxt_dir = prototxt_dir or repo_path(fit.GENERATED_DIR)
     if os.path.isfile(target):
         path = os.path.abspath(target)
-        inside = path.startswith(os.path.join(os.path.abspath(prototxt_dir), ""))
-        return _variant_of(path), path, REPO_ROOT if inside else os.getcwd()
+        return _variant_of(path), path, fit.base_for(path)
     if target.endswith(".prototxt") or os.sep in target:
         raise RunError("%s: no such solver file (relative to %s)" % (target, os.getcwd()))
     path = os.path.join(prototxt_dir, target, "solver.prototxt")
@@ -245,25 +243,52 @@ def _in_train_phase(layer):
     return not phases or caffe_pb2().TRAIN in phases
 
 
-def continue_data_stream(run_dir, used, state, solvers=1):
+def with_absolute_paths(used, base=REPO_ROOT):
+    """A copy of a run's solver with net and snapshot_prefix absolute. Runs made before tinycaffe
+    wrote absolute paths hold repo-relative ones (Caffe then ran from the repo root)."""
+    copy = caffe_pb2().SolverParameter()
+    copy.CopyFrom(used)
+    copy.net = _absolute(copy.net, base)
+    copy.snapshot_prefix = _absolute(copy.snapshot_prefix, base)
+    return copy
+
+
+def add_data_segment(record, iteration, solvers):
+    """The run's data segments after (re)starting at `iteration` with `solvers` GPUs: each
+    {"from": iteration, "solvers": n} says how many solvers read the TRAIN data from there on
+    (a run may resume on another number of GPUs). Segments from a later iteration than this
+    restart (a resume from an older snapshot) no longer happened."""
+    kept = [seg for seg in record.get("data_segments") or [{"from": 0, "solvers": 1}] if seg["from"] < iteration]
+    return kept + [{"from": iteration, "solvers": solvers}]
+
+
+def batches_consumed(segments, iteration):
+    """TRAIN batches (per Data layer, iter_size 1) read by all solvers up to `iteration`."""
+    total = 0
+    for seg, nxt in zip(segments, segments[1:] + [{"from": None}]):
+        end = iteration if nxt["from"] is None else min(iteration, nxt["from"])
+        total += max(end - seg["from"], 0) * seg["solvers"]
+    return total
+
+
+def continue_data_stream(run_dir, used, state, segments):
     """The solver to restore `state` with, such that the TRAIN Data layers continue where the
     interrupted run stopped: a copy of the run's net whose layers skip the records already
-    consumed ((iteration x batch x iter_size x solvers) mod the LMDB's count; Caffe patch 0008's
+    consumed ((batches consumed x batch x iter_size) mod the LMDB's count; Caffe patch 0008's
     start_offset) and a copy of the solver pointing at it. Returns the solver copy's path."""
     if "start_offset" not in caffe_pb2().DataParameter.DESCRIPTOR.fields_by_name:
         raise RunError("this Caffe build lacks DataParameter.start_offset (scripts/patches/0008); rebuild it "
                        "with scripts/setup.sh --force to resume exactly")
-    iteration = snapshot_iteration(state)
-    net = read_message(used.net, caffe_pb2().NetParameter())
+    batches = batches_consumed(segments, snapshot_iteration(state))
+    _, net = precheck(used, os.path.join(run_dir, "solver.prototxt"))  # data paths made absolute
     for layer in net.layer:
         if layer.type in DATA_LAYER_TYPES and _in_train_phase(layer):
-            consumed = iteration * layer.data_param.batch_size * max(used.iter_size, 1) * solvers
+            consumed = batches * layer.data_param.batch_size * max(used.iter_size, 1)
             layer.data_param.start_offset = consumed % max(data.lmdb_count(layer.data_param.source), 1)
     net_path = os.path.join(run_dir, RESUME_NET)
     write_text(net_path, "# %s for resuming from %s: TRAIN data continues at start_offset\n"
                % (used.net, os.path.basename(state)) + text_format.MessageToString(net))
-    resumed = caffe_pb2().SolverParameter()
-    resumed.CopyFrom(used)
+    resumed = with_absolute_paths(used)
     resumed.net = net_path
     solver_path = os.path.join(run_dir, RESUME_SOLVER)
     write_text(solver_path, "# solver.prototxt for resuming from %s (net: %s)\n"
@@ -271,12 +296,12 @@ def continue_data_stream(run_dir, used, state, solvers=1):
     return solver_path
 
 
-def drop_diverged_snapshots(run_dir, first_bad_iteration):
-    """After a divergence, delete the snapshots (caffemodel and solverstate) with bad weights:
-    those taken at or after the first iteration whose loss was bad (snapshot N holds the
-    weights iteration N's forward used), then, newest first, those whose caffemodel holds a
-    non-finite value, down to the first finite one. Returns (removed paths, the newest
-    remaining .caffemodel or None)."""
+def drop_diverged_snapshots(run_dir, keep_up_to):
+    """After a divergence, delete the snapshots (caffemodel and solverstate) that may hold bad
+    weights: every one after iteration keep_up_to (the last whose logged loss was good: snapshot N
+    holds the weights iteration N's forward used, and between two loss lines nothing is known;
+    None: no bound), then, newest first, any whose caffemodel holds a non-finite value, down to
+    the first finite one. Returns (removed paths, the newest remaining .caffemodel or None)."""
     pairs = {}
     for path in glob.glob(os.path.join(run_dir, "snapshots", "*_iter_*")):
         if snapshot_iteration(path) >= 0:
@@ -284,8 +309,8 @@ def drop_diverged_snapshots(run_dir, first_bad_iteration):
     removed = []
     for n in sorted(pairs, reverse=True):
         model = [p for p in pairs[n] if p.endswith(".caffemodel")]
-        at_or_after = first_bad_iteration is not None and n >= first_bad_iteration
-        if not at_or_after and all(_finite_weights(p) for p in model):
+        after = keep_up_to is not None and n > keep_up_to
+        if not after and all(_finite_weights(p) for p in model):
             return sorted(removed), (model[0] if model else None)
         for path in pairs[n]:
             os.unlink(path)

@@ -55,7 +55,9 @@ def launch(args, argv):
         used = runs.read_message(os.path.join(run_dir, "solver.prototxt"), caffe_pb2().SolverParameter())
         runs.precheck(used, os.path.join(run_dir, "solver.prototxt"))
         runs.set_device(run_dir, used, gpu)  # a run may continue on another device
-        solver_file = runs.continue_data_stream(run_dir, used, state, runs.solver_count(gpu))
+        record["data_segments"] = runs.add_data_segment(record, runs.snapshot_iteration(state),
+                                                        runs.solver_count(gpu))
+        solver_file = runs.continue_data_stream(run_dir, used, state, record["data_segments"])
         record["resumes"].append({"at": runs.now(), "from": state, "command": argv})
         record["status"] = "running"
     else:
@@ -68,16 +70,18 @@ def launch(args, argv):
         solver_file = os.path.join(run_dir, "solver.prototxt")
         record = runs.start_record(variant, argv, used, gpu, args.engine,
                                    _anneal_settings(args), net)
-    runs.save_record(run_dir, record)
-    print("[train] run dir %s (%s, %s)" % (run_dir, args.engine, "gpu " + gpu if gpu else "cpu"), file=sys.stderr)
-
+        record["data_segments"] = runs.add_data_segment(record, 0, runs.solver_count(gpu))
     command = (_binary_command(solver_file, gpu, state, args.weights) if args.engine == "binary"
                else _worker_command(run_dir, gpu, state, args.weights, record))
     log_path = os.path.join(run_dir, "caffe.log")
-    status, returncode, first_bad = _tee(command, log_path, record, run_dir)
-    if status == "finished" and args.engine == "binary":
-        status, returncode = _final_test(run_dir, used, gpu, log_path)
-    return _finish(run_dir, record, status, returncode, first_bad)
+    with StopSignals() as stops:  # from here on a signal can no longer leave run.json at "running"
+        runs.save_record(run_dir, record)
+        print("[train] run dir %s (%s, %s)" % (run_dir, args.engine, "gpu " + gpu if gpu else "cpu"),
+              file=sys.stderr)
+        status, returncode, losses = _tee(command, log_path, record, run_dir, stops)
+        if status == "finished" and args.engine == "binary" and not stops.received:
+            status, returncode = _final_test(run_dir, used, gpu, log_path, stops)
+        return _finish(run_dir, record, status, returncode, losses)
 
 
 def _anneal_settings(args):
@@ -117,7 +121,7 @@ def _worker_command(run_dir, gpu, state, weights, record):
     return cmd
 
 
-def _final_test(run_dir, used, gpu, log_path):
+def _final_test(run_dir, used, gpu, log_path, stops):
     """Caffe's binary tests only at multiples of test_interval: when max_iter is not one, test
     the final snapshot once more (the pycaffe worker, --test-only), so that every finished run
     ends with a val number at its last iteration. -> (status, returncode)."""
@@ -129,7 +133,7 @@ def _final_test(run_dir, used, gpu, log_path):
     command = [sys.executable, "-m", "tinycaffe.train", "--worker", run_dir, "--test-only", "--state", state]
     if gpu:  # one GPU is enough to test
         command += ["--gpu", "0" if gpu == "all" else gpu.split(",")[0]]
-    status, returncode, _ = _tee(command, log_path, None, run_dir)
+    status, returncode, _ = _tee(command, log_path, None, run_dir, stops)
     return status, returncode
 
 
@@ -147,76 +151,103 @@ def _ignore_sigterm():
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _tee(command, log_path, record, run_dir):
-    """Run the child, copy its log to log_path and the terminal, watch for divergence and anneals.
-    -> (status, returncode, first iteration with a bad loss or None)."""
-    interrupted, child = [], []
+class StopSignals:
+    """Ctrl-C and SIGTERM while a run is in flight (Slurm's time limit and scancel, docker stop,
+    systemd, preemption): recorded, and forwarded to the child as SIGINT, which makes it snapshot
+    and stop (Caffe's -sigint_effect stop; the pycaffe worker's flag). The child may get the
+    signal itself as well (Ctrl-C reaches the whole foreground group): it acts once. This parent
+    is never killed by them before run.json and the outputs are written."""
 
-    def on_sigint(signum, frame):
-        # Ctrl-C reaches the whole foreground group: the child snapshots and exits by itself.
-        # Here it only marks the run, so that no KeyboardInterrupt can cut the tee short.
-        interrupted.append(signum)
+    def __init__(self):
+        self.received, self.child, self.previous = [], None, {}
 
-    def on_sigterm(signum, frame):
-        # Slurm's time limit, scancel, docker stop, systemd, preemption: like Ctrl-C, so the
-        # child snapshots within the usual grace period (one iteration, plus the snapshot).
-        interrupted.append(signum)
-        if child and child[0].poll() is None:
-            child[0].send_signal(signal.SIGINT)
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
 
-    previous = {sig: signal.signal(sig, handler) for sig, handler in ((signal.SIGINT, on_sigint),
-                                                                      (signal.SIGTERM, on_sigterm))}
-    first_bad = None
-    try:
-        # Line-buffered: a run killed hard (SIGKILL, OOM) keeps every line Caffe wrote.
-        with open(log_path, "a", buffering=1) as log:
-            log.write(caffelog.glog_line("tinycaffe: %s" % " ".join(command)))
-            proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, bufsize=1, env=_child_env(),
-                                    preexec_fn=_ignore_sigterm)
-            child.append(proc)
-            if signal.SIGTERM in interrupted:  # arrived while the child was starting
-                proc.send_signal(signal.SIGINT)
-            for line in proc.stderr:
-                log.write(line)
-                sys.stderr.write(line)
-                bad = _bad_loss_iteration(line)
-                if first_bad is None and bad is not None:
-                    first_bad = bad
-                    log.write(caffelog.glog_line("tinycaffe: loss diverged at iteration %d (%s); training stopped"
-                                                 % (bad, line.strip()[-40:]), "E"))
-                    proc.kill()  # SIGKILL: no snapshot of NaN weights
-                if record is not None and "tinycaffe: plateau anneal" in line:
-                    record["anneals"].append(line.split("] ", 1)[-1].strip())
-                    runs.save_record(run_dir, record)
-            returncode = proc.wait()
-    finally:
-        for sig, handler in previous.items():
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-    if first_bad is not None or returncode == 3:
-        return "diverged", returncode, first_bad
-    if interrupted or returncode in (130, -signal.SIGINT):
-        return "interrupted", returncode, first_bad
-    return ("finished" if returncode == 0 else "failed"), returncode, first_bad
+        return False
+
+    def _on_signal(self, signum, frame):
+        self.received.append(signum)
+        self._forward()
+
+    def attach(self, proc):
+        """The child now running; a signal that came while it started is forwarded now."""
+        self.child = proc
+        if self.received:
+            self._forward()
+
+    def _forward(self):
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signal.SIGINT)
+
+
+class Losses:
+    """What the logged loss lines said: the first bad iteration and the last good one."""
+
+    def __init__(self):
+        self.first_bad = self.last_good = None
+
+
+def _tee(command, log_path, record, run_dir, stops):
+    """Run the child, copy its log to log_path and the terminal, watch for divergence and anneals.
+    -> (status, returncode, Losses)."""
+    losses = Losses()
+    # Line-buffered: a run killed hard (SIGKILL, OOM) keeps every line Caffe wrote.
+    with open(log_path, "a", buffering=1) as log:
+        log.write(caffelog.glog_line("tinycaffe: %s" % " ".join(command)))
+        proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, bufsize=1, env=_child_env(),
+                                preexec_fn=_ignore_sigterm)
+        stops.attach(proc)
+        for line in proc.stderr:
+            log.write(line)
+            sys.stderr.write(line)
+            logged = _logged_loss(line)
+            if logged is not None and losses.first_bad is None:
+                iteration, good = logged
+                if good:
+                    losses.last_good = iteration
+                else:
+                    losses.first_bad = iteration
+                    log.write(caffelog.glog_line("tinycaffe: loss diverged at iteration %d (%s); training stopped"
+                                                 % (iteration, line.strip()[-40:]), "E"))
+                    proc.kill()  # SIGKILL: no snapshot of NaN weights
+            if record is not None and "tinycaffe: plateau anneal" in line:
+                record["anneals"].append(line.split("] ", 1)[-1].strip())
+                runs.save_record(run_dir, record)
+        returncode = proc.wait()
+    if losses.first_bad is not None or returncode == 3:
+        return "diverged", returncode, losses
+    if stops.received or returncode in (130, -signal.SIGINT):
+        return "interrupted", returncode, losses
+    return ("finished" if returncode == 0 else "failed"), returncode, losses
 
 
 LOSS_LINE = re.compile(r"Iteration (\d+).*, loss = (\S+)")
 
 
-def _bad_loss_iteration(line):
-    """The iteration of a logged loss line (Caffe's, every `display` iterations) whose loss is
-    NaN, infinite or at the softmax's underflow cap; None for any other line."""
+def _logged_loss(line):
+    """(iteration, good?) for a loss line Caffe logs every `display` iterations; good is False
+    for a NaN or infinite loss, or one at the softmax's underflow cap. None for other lines."""
     m = LOSS_LINE.search(line)
     if not m:
         return None
     value = caffelog.parse_float(m.group(2))
-    return int(m.group(1)) if not math.isfinite(value) or value >= DIVERGED_LOSS else None
+    return int(m.group(1)), math.isfinite(value) and value < DIVERGED_LOSS
 
 
-def _finish(run_dir, record, status, returncode, first_bad=None):
+def _finish(run_dir, record, status, returncode, losses):
     log_path = os.path.join(run_dir, "caffe.log")
-    kept = None
+    kept, first_bad = None, losses.first_bad
     if status == "diverged":
-        removed, kept = runs.drop_diverged_snapshots(run_dir, first_bad)
+        # Kept: up to the last good loss line of this invocation; a run that diverged at its first
+        # line after a resume keeps what came before that line's iteration.
+        bound = losses.last_good if losses.last_good is not None else (
+            first_bad - 1 if first_bad is not None else None)
+        removed, kept = runs.drop_diverged_snapshots(run_dir, bound)
         if removed:
             with open(log_path, "a") as log:
                 log.write(caffelog.glog_line("tinycaffe: removed %d snapshot file(s) with diverged weights: %s"
@@ -271,7 +302,8 @@ class Worker:
         else:
             caffe.set_mode_cpu()
         self.run_dir = run_dir
-        self.param = runs.read_message(os.path.join(run_dir, "solver.prototxt"), caffe_pb2().SolverParameter())
+        self.param = runs.with_absolute_paths(
+            runs.read_message(os.path.join(run_dir, "solver.prototxt"), caffe_pb2().SolverParameter()))
         self.anneal, self.patience, self.min_delta = anneal, patience, min_delta
         self.max_anneals, self.anneals = max_anneals, anneals_done
         self.lr = self.param.base_lr * ANNEAL_FACTOR ** anneals_done
@@ -292,7 +324,8 @@ class Worker:
         p = caffe_pb2().SolverParameter()
         p.CopyFrom(self.param)
         if state:
-            p.net = runs.read_message(runs.continue_data_stream(self.run_dir, self.param, state),
+            segments = runs.load_record(self.run_dir).get("data_segments") or [{"from": 0, "solvers": 1}]
+            p.net = runs.read_message(runs.continue_data_stream(self.run_dir, self.param, state, segments),
                                       caffe_pb2().SolverParameter()).net
         # Caffe insists on test_interval > 0 when there is a test net: one it never reaches.
         p.test_interval = p.max_iter + 1

@@ -68,9 +68,10 @@ def filter_grid(net, path, layer=None):
 def feature_maps(net, image_chw_minus_mean, out_dir, layers=2, max_maps=64):
     """Forward one image (already minus the mean, crop-sized) and save the maps of the first
     `layers` conv layers as grids; returns the paths."""
-    net.blobs["data"].reshape(1, *image_chw_minus_mean.shape)
+    blob = net.inputs[0] if net.inputs else "data"
+    net.blobs[blob].reshape(1, *image_chw_minus_mean.shape)
     net.reshape()
-    net.blobs["data"].data[0] = image_chw_minus_mean
+    net.blobs[blob].data[0] = image_chw_minus_mean
     net.forward()
     convs = [n for n, layer in zip(net._layer_names, net.layers) if layer.type == "Convolution"][:layers]
     paths = []

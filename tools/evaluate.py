@@ -40,7 +40,7 @@ def main(argv=None):
         evaluate.require_lmdb_kind(args.lmdb, "labelled", "evaluate.py")
         net = evaluate.load_net(args.deploy, args.weights, gpu)
         evaluate.check_classes(net, args.deploy, args.labels)
-        mean = evaluate.read_mean_for(args.mean, args.lmdb, net.blobs["data"].data.shape[-1])
+        mean = evaluate.read_mean_for(args.mean, args.lmdb, evaluate.net_crop(net))
         classes = evaluate.net_classes(net)
         total = data.lmdb_count(args.lmdb)
         with tqdm(total=total, unit="img", desc="evaluate", disable=args.quiet) as bar:

@@ -8,7 +8,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tqdm import tqdm  # noqa: E402
 
-from tinycaffe import data, devices  # noqa: E402
+from tinycaffe import data  # noqa: E402
 from tinycaffe.caffe_env import CaffeNotFound  # noqa: E402
 
 
@@ -17,7 +17,7 @@ def build_parser():
     p.add_argument("data_dir", metavar="DATA_DIR", help="the tiny-imagenet-200 folder")
     p.add_argument("out_dir", metavar="OUT_DIR", help="where to write (e.g. data/lmdb); must not exist unless --force")
     p.add_argument("--workers", type=int, default=None,
-                   help="decode processes (default: the CPUs this process may use, %d here)" % devices.usable_cpus())
+                   help="decode processes (default: the CPUs this process may use, %d here)" % data.default_workers())
     p.add_argument("--seed", type=int, default=data.DEFAULT_SEED,
                    help="train shuffle seed (default %d)" % data.DEFAULT_SEED)
     p.add_argument("--force", action="store_true",

@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from tinycaffe import data, evaluate, runs, submit  # noqa: E402
+from tinycaffe import data, evaluate, fit, runs, submit  # noqa: E402
 from tinycaffe.caffe_env import CaffeNotFound  # noqa: E402
 from tinycaffe.files import atomic_open  # noqa: E402
 
@@ -77,10 +77,23 @@ def write_top5(path, names, probs, labels):
 
 
 def check_writable(path, flag):
-    """Before any inference: the folder of an output file must exist."""
+    """Before any inference: an output file's folder must exist, and the path not be a folder."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise evaluate.EvalError("%s %s: no such directory %s" % (flag, path, folder))
+    if os.path.isdir(path):
+        raise evaluate.EvalError("%s %s: is a directory (expected a file name, e.g. %s)"
+                                 % (flag, path, os.path.join(path, "submission.txt")))
+
+
+def check_val_lmdb(args, pairs, mean):
+    """--val-lmdb, before any inference: labelled, same classes, images that fit the mean and crop."""
+    evaluate.require_lmdb_kind(args.val_lmdb, "labelled", "--val-lmdb")
+    labels = fit.beside(args.val_lmdb, "labels.txt")
+    if labels:
+        for (net, _), (deploy, _) in zip(pairs, args.model):
+            evaluate.check_classes(net, deploy, labels)
+    evaluate.read_mean_for(args.mean, args.val_lmdb, evaluate.net_crop(pairs[0][0]))
 
 
 def validate(args, wnids, names):
@@ -114,10 +127,10 @@ def main(argv=None):
         check_writable(args.out, "--out")
         if args.top5_csv:
             check_writable(args.top5_csv, "--top5-csv")
-        if args.val_lmdb:
-            evaluate.require_lmdb_kind(args.val_lmdb, "labelled", "--val-lmdb")
         pairs = load_models(args, gpu)
-        mean = evaluate.read_mean_for(args.mean, args.lmdb, pairs[0][0].blobs["data"].data.shape[-1])
+        mean = evaluate.read_mean_for(args.mean, args.lmdb, evaluate.net_crop(pairs[0][0]))
+        if args.val_lmdb:
+            check_val_lmdb(args, pairs, mean)
         missing = submit.missing_names(names, args.lmdb)
         if missing and not args.allow_missing:
             raise submit.SubmissionError(

@@ -11,7 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tinycaffe import nets, runs, train  # noqa: E402
+from tinycaffe import data, nets, runs, train  # noqa: E402
 from tinycaffe.caffe_env import CaffeNotFound  # noqa: E402
 
 
@@ -56,7 +56,7 @@ def main(argv=None, prog=None, default_engine="pycaffe"):
         return 2
     try:
         return train.launch(args, [name] + list(argv))
-    except (runs.RunError, CaffeNotFound) as exc:
+    except (runs.RunError, data.DataError, CaffeNotFound) as exc:
         print("%s: error: %s" % (name, exc), file=sys.stderr)
         return 1
 

@@ -34,7 +34,7 @@ def main(argv=None):
         net = evaluate.load_net(args.deploy, args.weights, gpu)
         if os.path.isfile(args.labels):
             evaluate.check_classes(net, args.deploy, args.labels)
-        crop = net.blobs["data"].data.shape[-1]
+        crop = evaluate.net_crop(net)
         mean = evaluate.read_mean_for(args.mean, args.lmdb, crop)
         records = list(data.iter_lmdb(args.lmdb, limit=args.index + 1))
         if len(records) <= args.index:
