@@ -24,8 +24,8 @@ DEFAULT_MAX_ANNEALS = 3  # after this many anneals, the next plateau ends the ru
 ANNEAL_FACTOR = 0.1  # the paper's manual cuts were /10
 DIVERGED_LOSS = 87.3  # SoftmaxWithLoss caps at -log(FLT_MIN) = 87.34: the softmax underflowed
 # OpenBLAS threads for CPU training: one per CPU this process may use (its affinity: cgroup,
-# taskset, Slurm). On this 2-core machine 2 threads trained 1.25-1.4x faster than 1
-# (bench/bench_train.py); a value set in the environment wins.
+# taskset, Slurm). On this 2-core machine 2 threads trained 1.05-1.4x faster than 1
+# (bench/bench_train.py, several runs); a value set in the environment wins.
 OPENBLAS_THREADS = str(devices.usable_cpus())
 
 
