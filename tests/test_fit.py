@@ -76,3 +76,12 @@ def test_an_empty_lmdb_is_refused(lmdbs, tmp_path):
     with pytest.raises(fit.FitError) as err:
         fit.check_data_layers(net, path)
     assert "train_lmdb, which is empty (no records)" in str(err.value)
+
+
+def test_a_corrupt_lmdb_is_a_one_line_error(lmdbs, tmp_path):
+    broken = tmp_path / "lmdb" / "train_lmdb"
+    shutil.copytree(lmdbs[0], str(tmp_path / "lmdb"))
+    (broken / "data.mdb").write_bytes(b"")
+    with pytest.raises(data.DataError) as err:
+        fit.image_shape(str(broken))
+    assert "train_lmdb: not a readable LMDB (" in str(err.value) and "\n" not in str(err.value)

@@ -295,6 +295,7 @@ def test_signal_snapshots_and_leaves_a_resumable_run(repo, lmdb_dir, tmp_path, t
     run_dir = only_run_dir(tmp_path / "runs")
     record = json.load(open(os.path.join(run_dir, "run.json")))
     assert record["status"] == "interrupted" and 20 <= record["final"]["iterations"] < 2000
+    assert record["exit_code"] == 130
     states = glob.glob(os.path.join(run_dir, "snapshots", "*.solverstate"))
     assert len(states) == 1 and runs.snapshot_iteration(states[0]) == record["final"]["iterations"]
     assert all(os.path.isfile(os.path.join(run_dir, f)) for f in ("train.csv", "test.csv", "curves.png"))
@@ -465,8 +466,59 @@ def test_a_run_made_before_absolute_paths_resumes_from_another_directory(repo, l
         text = text.replace("max_iter: 20", "max_iter: 30")
         open(os.path.join(run_dir, name), "w").write(text)
     assert '"../' in open(os.path.join(run_dir, "train_val.prototxt")).read()
+    state_path = os.path.join(run_dir, "snapshots", "tiny_iter_20.solverstate")
+    state = caffe_pb2().SolverState()
+    state.ParseFromString(open(state_path, "rb").read())
+    state.learned_net = os.path.relpath(state.learned_net, repo)  # Caffe wrote the prefix it was given
+    open(state_path, "wb").write(state.SerializeToString())
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     out = run(repo, command + ["tiny", "--resume", "--run-dir", run_dir, "--gpu", "cpu"], cwd=str(elsewhere))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "finished after 30 iterations" in out.stderr
+
+
+@pytest.mark.parametrize("tool", [TRAIN_SH, TRAIN_PY])
+def test_a_signal_while_the_child_starts_still_stops_it_cleanly(repo, lmdb_dir, tmp_path, tool):
+    """SIGTERM before Caffe (or the pycaffe worker) has installed its handlers: no traceback,
+    the child stops at its first chance with a snapshot, the run is interrupted (exit 130)."""
+    solver = make_solver(lmdb_dir, tmp_path / "p", max_iter=2000, display=10)
+    proc = subprocess.Popen(tool + [solver, "--gpu", "cpu", "--runs-root", str(tmp_path / "runs")], cwd=repo,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 60
+
+    def child_started():  # the parent logs the child's command line just before it starts it
+        logs = glob.glob(str(tmp_path / "runs" / "tiny" / "*" / "caffe.log"))
+        return logs and "tinycaffe: " in open(logs[0]).read()
+    while time.time() < deadline and not child_started():
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGTERM)
+    err = proc.stderr.read()
+    assert proc.wait() == 130, err[-2000:]
+    assert "Traceback" not in err and "Fatal Python error" not in err, err[-2000:]
+    run_dir = only_run_dir(tmp_path / "runs")
+    record = json.load(open(os.path.join(run_dir, "run.json")))
+    assert record["status"] == "interrupted" and record["final"]["iterations"] < 2000
+    states = glob.glob(os.path.join(run_dir, "snapshots", "*.solverstate"))
+    assert len(states) == 1, "the child died of the signal instead of snapshotting"
+
+
+def anneal_iterations(run_dir):
+    return [int(m.group(1)) for m in re.finditer(r"tinycaffe: plateau anneal \d+ at iteration (\d+)",
+                                                 open(os.path.join(run_dir, "caffe.log")).read())]
+
+
+def test_a_resumed_plateau_run_anneals_where_the_uninterrupted_one_does(repo, lmdb_dir, tmp_path):
+    """best and waits are replayed from the log's val tests up to the snapshot, not started afresh."""
+    flags = ["--anneal", "plateau", "--patience", "1", "--min-delta", "0.9", "--max-anneals", "5"]
+    sched = dict(max_iter=100, test_interval=20, snapshot=20, display=10)
+    reference = make_solver(lmdb_dir, tmp_path / "ref", **sched)
+    out = run(repo, TRAIN_PY + [reference, "--gpu", "cpu", "--runs-root", str(tmp_path / "ref_runs")] + flags)
+    assert out.returncode == 0, out.stderr[-2000:]
+    expected = anneal_iterations(only_run_dir(tmp_path / "ref_runs"))
+    assert expected == [40, 60, 80, 100]  # the test at 20 sets the best; no later one gains 0.9
+    solver = make_solver(lmdb_dir, tmp_path / "p", **sched)
+    run_dir = kill_after_snapshot(repo, TRAIN_PY + [solver] + flags, tmp_path / "runs", 60)
+    out = run(repo, TRAIN_PY + [solver, "--gpu", "cpu", "--resume", "--runs-root", str(tmp_path / "runs")] + flags)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert [it for it in anneal_iterations(run_dir) if it > 60] == [80, 100]

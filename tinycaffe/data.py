@@ -495,10 +495,17 @@ def require_lmdb(path):
         raise DataError("%s: not an LMDB (no data.mdb)" % path)
 
 
+def _open_readonly(path, **kwargs):
+    require_lmdb(path)
+    try:
+        return lmdb.open(path, readonly=True, lock=False, **kwargs)
+    except lmdb.Error as exc:
+        raise DataError("%s: not a readable LMDB (%s)" % (path, str(exc).split(": ")[-1])) from exc
+
+
 def iter_lmdb(path, limit=None):
     """Yield (key str, Datum) in key order, read-only."""
-    require_lmdb(path)
-    env = lmdb.open(path, readonly=True, lock=False, readahead=False)
+    env = _open_readonly(path, readahead=False)
     try:
         with env.begin() as txn:
             for n, (key, value) in enumerate(txn.cursor()):
@@ -512,8 +519,7 @@ def iter_lmdb(path, limit=None):
 
 
 def lmdb_count(path):
-    require_lmdb(path)
-    env = lmdb.open(path, readonly=True, lock=False)
+    env = _open_readonly(path)
     try:
         return env.stat()["entries"]
     finally:

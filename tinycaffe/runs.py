@@ -258,8 +258,15 @@ def add_data_segment(record, iteration, solvers):
     {"from": iteration, "solvers": n} says how many solvers read the TRAIN data from there on
     (a run may resume on another number of GPUs). Segments from a later iteration than this
     restart (a resume from an older snapshot) no longer happened."""
-    kept = [seg for seg in record.get("data_segments") or [{"from": 0, "solvers": 1}] if seg["from"] < iteration]
+    kept = [seg for seg in record.get("data_segments") or [{"from": 0, "solvers": _solvers_of(record)}]
+            if seg["from"] < iteration]
     return kept + [{"from": iteration, "solvers": solvers}]
+
+
+def _solvers_of(record):
+    """The GPU count a run without data_segments started with, from its device ("gpu 0,1")."""
+    device = record.get("device") or "cpu"
+    return solver_count(device[4:]) if device.startswith("gpu ") else 1
 
 
 def batches_consumed(segments, iteration):

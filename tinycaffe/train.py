@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from . import caffelog, caffe_env, devices, repo_path, runs
+from . import REPO_ROOT, caffelog, caffe_env, devices, repo_path, runs
 from .caffe_env import caffe_pb2
 from .files import write_text
 
@@ -41,6 +41,8 @@ def launch(args, argv):
                                 "train on one GPU only; pass a single id" % gpu)
     if args.weights and not os.path.isfile(args.weights):
         raise runs.RunError("--weights %s: no such file" % args.weights)
+    if args.weights:
+        args.weights = os.path.abspath(args.weights)  # the child runs in the repo root
     runs_root = os.path.abspath(args.runs_root) if args.runs_root else repo_path(runs.DEFAULT_RUNS)
     state = None
     if args.resume:
@@ -143,11 +145,13 @@ def _child_env():
     return env
 
 
-def _ignore_sigterm():
-    """In the child, before exec: SIGTERM ignored until the child installs its own handler (an
-    ignored signal stays ignored across exec). Slurm, systemd and `docker stop` may signal every
-    process of the job; the caffe binary then stops as on SIGINT (Caffe patch 0009), the pycaffe
-    worker raises KeyboardInterrupt, and this parent forwards SIGINT in any case."""
+def _ignore_stop_signals():
+    """In the child, before exec: SIGINT and SIGTERM ignored until the child installs its own
+    handlers (an ignored signal stays ignored across exec, and Python then installs no
+    KeyboardInterrupt handler): the caffe binary's SignalHandler (SIGTERM through patch 0009)
+    and the pycaffe worker's stop flag. A signal that came earlier is sent again by the
+    parent with every log line until the child stops (StopSignals.forward)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
@@ -172,16 +176,16 @@ class StopSignals:
 
     def _on_signal(self, signum, frame):
         self.received.append(signum)
-        self._forward()
+        self.forward()
 
     def attach(self, proc):
         """The child now running; a signal that came while it started is forwarded now."""
         self.child = proc
-        if self.received:
-            self._forward()
+        self.forward()
 
-    def _forward(self):
-        if self.child is not None and self.child.poll() is None:
+    def forward(self):
+        """Once a signal came: SIGINT to the child while it runs (it may still ignore it)."""
+        if self.received and self.child is not None and self.child.poll() is None:
             self.child.send_signal(signal.SIGINT)
 
 
@@ -199,12 +203,15 @@ def _tee(command, log_path, record, run_dir, stops):
     # Line-buffered: a run killed hard (SIGKILL, OOM) keeps every line Caffe wrote.
     with open(log_path, "a", buffering=1) as log:
         log.write(caffelog.glog_line("tinycaffe: %s" % " ".join(command)))
+        # In the repo root: paths of runs made before tinycaffe wrote absolute ones (a solverstate's
+        # learned_net among them) are relative to it; everything this side passes is absolute.
         proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, bufsize=1, env=_child_env(),
-                                preexec_fn=_ignore_sigterm)
+                                preexec_fn=_ignore_stop_signals, cwd=REPO_ROOT)
         stops.attach(proc)
         for line in proc.stderr:
             log.write(line)
             sys.stderr.write(line)
+            stops.forward()
             logged = _logged_loss(line)
             if logged is not None and losses.first_bad is None:
                 iteration, good = logged
@@ -269,7 +276,8 @@ def _finish(run_dir, record, status, returncode, losses):
                 final["best_" + key] = max(values)
     if train:
         final["wall_seconds"] = train[-1]["Seconds"]
-    record.update(status=status, ended=runs.now(), final=final, exit_code=returncode)
+    exit_code = {"finished": 0, "interrupted": 130, "diverged": 3}.get(status, returncode or 1)
+    record.update(status=status, ended=runs.now(), final=final, exit_code=exit_code, caffe_exit_code=returncode)
     runs.save_record(run_dir, record)
     print("[train] %s after %d iterations%s; run dir %s (curves.png, train.csv, test.csv, run.json)"
           % (status, final["iterations"],
@@ -277,11 +285,12 @@ def _finish(run_dir, record, status, returncode, losses):
              % (final["accuracy_top1"], final["tested_at"], final.get("best_accuracy_top1", math.nan))
              if "accuracy_top1" in final else "", run_dir), file=sys.stderr)
     if status == "diverged":
-        print("[train] error: the loss diverged at iteration %s (NaN or >= %.1f); lower base_lr or check the data. "
+        print("[train] error: the loss diverged at iteration %s (NaN or >= %.1f); check the data, lower base_lr. "
               "%s" % (first_bad if first_bad is not None else "?", DIVERGED_LOSS,
-                      "Last good snapshot: %s (resume from it with --resume)" % kept if kept
-                      else "No good snapshot remains: start again"), file=sys.stderr)
-    return {"finished": 0, "interrupted": 130, "diverged": 3}.get(status, returncode or 1)
+                      "Last good snapshot: %s (lower base_lr in %s, then --resume continues from it)"
+                      % (kept, os.path.join(run_dir, "solver.prototxt")) if kept
+                      else "No good snapshot remains: start again with a lower base_lr"), file=sys.stderr)
+    return exit_code
 
 
 # ---------------------------------------------------------------- the pycaffe worker (child process)
@@ -348,6 +357,8 @@ class Worker:
             return self.lr
         if p.lr_policy == "step":
             return p.base_lr * p.gamma ** (self.solver.iter // p.stepsize)
+        if p.lr_policy == "multistep":  # Caffe: one more gamma for every stepvalue reached
+            return p.base_lr * p.gamma ** sum(1 for v in p.stepvalue if self.solver.iter >= v)
         return p.base_lr
 
     def test(self):
@@ -383,7 +394,23 @@ class Worker:
                  % (self.anneals, self.solver.iter, old, self.lr, top1, self.best, self.patience))
         return False
 
+    def replay_plateau(self, iteration):
+        """A resumed plateau run's best, waits and anneals as they stood at `iteration`: the val
+        top-1 of every test up to it (caffe.log) through the same rule, so that it anneals where
+        the uninterrupted run would."""
+        _, tests = caffelog.parse(os.path.join(self.run_dir, "caffe.log"))
+        self.best, self.waits, self.anneals = -1.0, 0, 0
+        for row in tests:
+            if row["NumIters"] <= iteration and "accuracy_top1" in row:
+                action, self.best, self.waits = plateau_step(row["accuracy_top1"], self.best, self.waits,
+                                                             self.min_delta, self.patience, self.anneals,
+                                                             self.max_anneals)
+                self.anneals += action == "anneal"
+        self.lr = self.param.base_lr * ANNEAL_FACTOR ** self.anneals
+
     def run(self, state=None, weights=None):
+        if state and self.anneal == "plateau":
+            self.replay_plateau(runs.snapshot_iteration(state))
         self._build(state, weights)
         p, s = self.param, self.solver
         chunk = p.display or 20
