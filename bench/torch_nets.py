@@ -4,7 +4,8 @@
 builds the PyTorch module that computes the same function, layer by layer, named as in
 Caffe: Convolution (groups), Pooling (Caffe rounds output sizes up: ceil_mode), LRN,
 ReLU, PReLU, BatchNorm (+ the Scale after it, as one affine BatchNorm2d, the way a
-PyTorch user writes it), InnerProduct, Dropout, Power, Softmax and SoftmaxWithLoss.
+PyTorch user writes it), InnerProduct, Dropout, Power, Eltwise (SUM, PROD, MAX),
+Concat, Softmax and SoftmaxWithLoss.
 `load_caffe_weights` copies a pycaffe Net's parameters in, so tests can check that
 both compute the same outputs before any timing is trusted.
 
@@ -52,6 +53,7 @@ class CaffeTwin(nn.Module):
     def __init__(self, net, input_shape, phase="TRAIN"):
         super().__init__()
         self.steps = []              # (layer name, kind, bottoms, tops)
+        self.eltwise = {}            # Eltwise name -> (operation, coefficients)
         self.layers = nn.ModuleDict()
         self.inputs = []
         self.fused_scales = set()    # Scale layers folded into the BatchNorm before them
@@ -68,7 +70,11 @@ class CaffeTwin(nn.Module):
                 continue
             if kind in SKIPPED_TYPES or layer.name in self.fused_scales:
                 continue
+            if kind == "Eltwise":
+                p = layer.eltwise_param
+                self.eltwise[layer.name] = (p.operation, list(p.coeff) or [1.0] * len(layer.bottom))
             shape = shapes[layer.bottom[0]]
+            self._shape_of = shapes.__getitem__
             module, out_shape = self._module(layer, shape, layers[i + 1:])
             if module is not None:
                 self.layers[layer.name] = module
@@ -123,7 +129,28 @@ class CaffeTwin(nn.Module):
             return Power(layer.power_param), shape
         if kind in ("Softmax", "SoftmaxWithLoss"):
             return None, shape if kind == "Softmax" else ()
+        if kind == "Eltwise":
+            return None, shape
+        if kind == "Concat":
+            axis = layer.concat_param.axis if layer.concat_param.HasField("axis") else 1
+            if axis != 1:
+                raise ValueError("layer '%s': Concat along axis %d has no twin here (only channels)"
+                                 % (layer.name, axis))
+            channels = sum(self._shape_of(b)[1] for b in layer.bottom)
+            return None, (shape[0], channels) + tuple(shape[2:])
         raise ValueError("layer '%s': type %s has no PyTorch twin here" % (layer.name, kind))
+
+    def _eltwise(self, name, xs):
+        """Caffe's Eltwise: PROD = 0, SUM = 1 (with coefficients), MAX = 2."""
+        operation, coeff = self.eltwise[name]
+        if operation == 0:
+            return math.prod(xs[1:], start=xs[0])
+        if operation == 2:
+            return torch.stack(xs).amax(dim=0)
+        out = coeff[0] * xs[0]
+        for c, x in zip(coeff[1:], xs[1:]):
+            out = out + c * x
+        return out
 
     @staticmethod
     def _pooled(size, k, s, pad):
@@ -145,6 +172,10 @@ class CaffeTwin(nn.Module):
                 y = F.softmax(x, dim=1)
             elif kind == "SoftmaxWithLoss":
                 y = F.cross_entropy(x, blobs[bottoms[1]].long())
+            elif kind == "Eltwise":
+                y = self._eltwise(name, [blobs[b] for b in bottoms])
+            elif kind == "Concat":
+                y = torch.cat([blobs[b] for b in bottoms], dim=1)
             else:
                 y = self.layers[name](x)
             blobs[tops[0]] = y

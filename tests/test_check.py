@@ -31,11 +31,14 @@ def replace_once(path, old, new):
 
 
 def test_committed_variants_pass(repo):
-    files = [os.path.join("prototxt", v, f + ".prototxt") for v in ("alexnet", "tiny")
-             for f in ("train_val", "deploy", "solver")]
+    variants = ("alexnet", "tiny", "resnet18", "resnet34", "inception_small", "resnet_tiny")
+    files = [os.path.join("prototxt", v, f + ".prototxt") for v in variants for f in ("train_val", "deploy", "solver")]
     out = run_check(repo, *files)
     assert out.returncode == 0, out.stderr
-    assert "6 file(s) checked, 0 problem(s)" in out.stdout
+    assert "18 file(s) checked, 0 problem(s)" in out.stdout
+    assert out.stdout.count("same layer names and parameter shapes") == len(variants)
+    assert "total: 11,281,052 parameters, 4035.5 MFLOPs per image" in out.stdout  # resnet18, TEST net
+    assert "lr_policy multistep (stepvalue 10000,15000, gamma 0.1)" in out.stdout
     assert "same layer names and parameter shapes" in out.stdout
     assert "conv1" in out.stdout and "MFLOPs/img" in out.stdout
 

@@ -82,6 +82,10 @@ EXPECTED_COUNTS = {  # Convolution, LRN, Pooling, InnerProduct, ReLU, PReLU, Bat
     "alexnet_prelu_bn": (5, 0, 3, 3, 0, 7, 5),
     "vgg_prelu_bn": (10, 0, 4, 3, 0, 12, 10),
     "tiny": (3, 0, 3, 2, 4, 0, 0),
+    "resnet18": (20, 0, 1, 1, 17, 0, 20),  # stem + 8 blocks x 2 + 3 projections; ReLU after 2a and after each sum
+    "resnet34": (36, 0, 1, 1, 33, 0, 36),
+    "inception_small": (29, 0, 7, 1, 29, 0, 29),  # stem + 4 modules x 7 convs; pool1, pool3, 4 branch pools, GAP
+    "resnet_tiny": (9, 0, 1, 1, 7, 0, 9),
 }
 
 
@@ -177,3 +181,50 @@ def test_initial_loss_is_near_chance(caffe, generated, name):
     net = caffe.Net(path_of(generated, name, "train_val"), caffe.TRAIN)
     losses = [float(net.forward()["loss"]) for _ in range(3)]
     assert max(losses) < 2 * math.log(CLASSES) + 1, losses
+
+
+# ---------------------------------------------------------------- residual and Inception families
+def blob_shapes(caffe, proto, tmp_path):
+    path = tmp_path / "deploy.prototxt"
+    path.write_text(text_format.MessageToString(proto))
+    net = caffe.Net(str(path), caffe.TEST)
+    return net, {name: tuple(blob.data.shape) for name, blob in net.blobs.items()}
+
+
+def test_resnet18_layer_table_for_a_60x60_crop(caffe, tmp_path):
+    net, shapes = blob_shapes(caffe, nets.deploy("resnet18", 200, 60), tmp_path)
+    blocks = [layer.name for layer in nets.deploy("resnet18", 200, 60).layer if layer.type == "Eltwise"]
+    assert blocks == ["res2a", "res2b", "res3a", "res3b", "res4a", "res4b", "res5a", "res5b"]
+    assert shapes["conv1"] == (1, 64, 60, 60)  # the CIFAR-style 3x3/1 stem: no 7x7/2, no max-pool
+    assert [shapes[b] for b in ("res2b", "res3b", "res4b", "res5b")] == [
+        (1, 64, 60, 60), (1, 128, 30, 30), (1, 256, 15, 15), (1, 512, 8, 8)]
+    assert shapes["pool5"] == (1, 512, 1, 1) and shapes["prob"] == (1, 200)
+    projections = sorted(name for name in net.params if name.startswith("res") and name.endswith("_branch1"))
+    assert projections == ["res3a_branch1", "res4a_branch1", "res5a_branch1"]  # where the shape changes
+    learned = sum(b.data.size for name, params in net.params.items() if not name.startswith("bn")
+                  for b in params)
+    assert abs(learned - 11.2e6) / 11.2e6 < 0.01, learned  # ResNet-18 with a 200-way classifier
+    proto = nets.deploy("resnet18", 200, 60)
+    convs = [layer for layer in proto.layer if layer.type == "Convolution"]
+    assert all(c.convolution_param.weight_filler.type == "msra" and not c.convolution_param.bias_term for c in convs)
+    assert count(proto, "Power") == count(proto, "Dropout") == 0  # BN follows conv1: no input scaling
+
+
+def test_resnet34_is_the_same_builder_deeper(tmp_path):
+    proto = nets.deploy("resnet34", 200, 60)
+    per_stage = [sum(1 for layer in proto.layer if layer.type == "Eltwise" and layer.name.startswith("res%d" % s))
+                 for s in (2, 3, 4, 5)]
+    assert per_stage == [3, 4, 6, 3]
+
+
+def test_inception_module_branches_and_concat(caffe, tmp_path):
+    net, shapes = blob_shapes(caffe, nets.deploy("inception_small", 200, 60), tmp_path)
+    proto = nets.deploy("inception_small", 200, 60)
+    concat = {layer.name: list(layer.bottom) for layer in proto.layer if layer.type == "Concat"}
+    assert sorted(concat) == ["inception_3a_output", "inception_3b_output", "inception_4a_output",
+                              "inception_4b_output"]
+    branches = [shapes[b] for b in concat["inception_3a_output"]]  # 1x1, 3x3, double 3x3, pool projection
+    assert branches == [(1, 64, 30, 30), (1, 128, 30, 30), (1, 32, 30, 30), (1, 32, 30, 30)]
+    assert shapes["inception_3a_output"] == (1, 256, 30, 30) and shapes["inception_3b_output"] == (1, 480, 30, 30)
+    assert shapes["inception_4a_output"] == (1, 512, 15, 15) and shapes["inception_4b_output"] == (1, 512, 15, 15)
+    assert shapes["pool_out"] == (1, 512, 1, 1) and shapes["prob"] == (1, 200)

@@ -153,8 +153,9 @@ def test_cli_help_states_defaults(repo):
     assert "(default 10)" in out.stdout and "(default 100)" in out.stdout
 
 
-def test_tiny_net_learns_the_sample_well_above_chance(caffe, tmp_path, monkeypatch):
-    """The sample is learnable (and the whole data path keeps labels right): the tiny
+@pytest.mark.parametrize("variant", ["tiny", "resnet_tiny"])  # the two CPU demo nets
+def test_demo_nets_learn_the_sample_well_above_chance(caffe, tmp_path, monkeypatch, variant):
+    """The sample is learnable (and the whole data path keeps labels right): each CPU demo
     variant, trained briefly on CPU through Caffe's own solver, beats chance by far."""
     import os
 
@@ -164,12 +165,12 @@ def test_tiny_net_learns_the_sample_well_above_chance(caffe, tmp_path, monkeypat
     data.make_lmdbs(ds, str(tmp_path / "lmdb"), workers=2, splits=["train", "val"])
     cfg = gen.GenConfig(out=str(tmp_path / "p"), lmdb_dir=str(tmp_path / "lmdb"), mode="cpu", num_classes=10,
                         val_size=200, max_iter=250, test_interval=1000)
-    gen.generate(["tiny"], cfg)
-    os.makedirs(tmp_path / "runs" / "tiny")
+    gen.generate([variant], cfg)
+    os.makedirs(tmp_path / "runs" / variant)
     monkeypatch.chdir(tmp_path)  # snapshot_prefix is relative to where caffe runs
-    solver = caffe.get_solver(os.path.join(cfg.out, "tiny", "solver.prototxt"))
+    solver = caffe.get_solver(os.path.join(cfg.out, variant, "solver.prototxt"))
     solver.step(250)
     test_net = solver.test_nets[0]
     test_net.share_with(solver.net)  # what Caffe's own Solver::Test does before testing
     top1 = sum(float(test_net.forward()["accuracy_top1"]) for _ in range(2)) / 2  # 2 x 100 = all of val
-    assert top1 >= 0.3, "val top-1 %.3f after 250 iterations; chance is 0.1" % top1
+    assert top1 >= 0.3, "%s: val top-1 %.3f after 250 iterations; chance is 0.1" % (variant, top1)

@@ -57,3 +57,14 @@ def test_caffe_accepts_each_solver_type(caffe, tmp_path, monkeypatch, kind):
 def test_bad_choices_list_valid_ones(bad, needle):
     with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         solver.make_solver("n", "p", 100, **bad)
+
+
+@pytest.mark.parametrize("schedule, steps", [("fast", [10000, 15000]), ("alexnet", [225000, 337500])])
+def test_batchnorm_families_get_their_recipe(schedule, steps):
+    """ResNet/Inception: SGD momentum 0.9 from LR 0.1, /10 at 50% and 75% of the schedule's run."""
+    s = solver.make_solver("net.prototxt", "runs/x/x", 10000, schedule, "sgd", "gpu", family="bn")
+    assert (s.base_lr, s.lr_policy, list(s.stepvalue), s.gamma) == (pytest.approx(0.1), "multistep", steps,
+                                                                     pytest.approx(0.1))
+    assert s.momentum == pytest.approx(0.9) and s.weight_decay == pytest.approx(5e-4) and not s.HasField("stepsize")
+    with pytest.raises(ValueError, match="unknown solver family 'x' \\(valid: paper, bn\\)"):
+        solver.make_solver("net.prototxt", "runs/x/x", 10000, family="x")

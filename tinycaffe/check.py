@@ -231,8 +231,12 @@ def check_solver(path, message):
         problems.append("%s: AdaGrad takes no momentum (Caffe aborts); remove `momentum`" % path)
     if message.lr_policy == "step" and message.stepsize <= 0:
         problems.append("%s: lr_policy \"step\" needs stepsize > 0" % path)
-    summary = ("%s: solver %s, base_lr %g, lr_policy %s (stepsize %d, gamma %g), max_iter %d, %s mode"
-               % (path, message.type or "SGD", message.base_lr, message.lr_policy, message.stepsize,
+    if message.lr_policy == "multistep" and list(message.stepvalue) != sorted(set(message.stepvalue)):
+        problems.append("%s: lr_policy \"multistep\" needs increasing stepvalue entries" % path)
+    steps = ("stepvalue %s" % ",".join(map(str, message.stepvalue)) if message.lr_policy == "multistep"
+             else "stepsize %d" % message.stepsize)
+    summary = ("%s: solver %s, base_lr %g, lr_policy %s (%s, gamma %g), max_iter %d, %s mode"
+               % (path, message.type or "SGD", message.base_lr, message.lr_policy, steps,
                   message.gamma, message.max_iter, "GPU" if message.solver_mode == 1 else "CPU"))
     return summary, problems
 

@@ -73,7 +73,8 @@ def generate(names, cfg):
                             cfg.num_classes, batch, test_batch, cfg.crop)
         dp = nets.deploy(name, cfg.num_classes, cfg.crop)
         sv = solvers.make_solver(tv_path, "runs/%s/%s" % (name, name), cfg.val_size, cfg.schedule, cfg.solver,
-                                 cfg.mode, cfg.max_iter, cfg.seed, cfg.test_interval)
+                                 cfg.mode, cfg.max_iter, cfg.seed, cfg.test_interval, nets.variant(name).solver_family,
+                                 batch)
         for kind, message in (("train_val", tv), ("deploy", dp), ("solver", sv)):
             path = os.path.join(folder, kind + ".prototxt")
             write_text(path, _header(kind, name, cfg, batch) + text_format.MessageToString(message))

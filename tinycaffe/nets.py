@@ -1,10 +1,14 @@
 """The paper's networks as pycaffe NetSpecs: one builder per family, variants by arguments.
 
 Families:
-  alexnet_family  Caffe's AlexNet and the paper's modifications of it (LRN or not,
-                  kernel sizes, ReLU or PReLU, Gaussian or Xavier fillers, BatchNorm or not)
-  vgg_family      stacks of 3x3 convolutions between 2x2 max-pools (VGG-style), also
-                  used, very small, for the `tiny` CPU demo net
+  alexnet_family   Caffe's AlexNet and the paper's modifications of it (LRN or not,
+                   kernel sizes, ReLU or PReLU, Gaussian or Xavier fillers, BatchNorm or not)
+  vgg_family       stacks of 3x3 convolutions between 2x2 max-pools (VGG-style), also
+                   used, very small, for the `tiny` CPU demo net
+  residual_family  ResNet-18/34 (He et al. 2016) with the CIFAR-style 3x3 stem 64x64
+                   inputs need, and a narrow one for CPU demos
+  inception_family GoogLeNet-style Inception modules (1x1, 3x3, two 3x3, pool projection
+                   joined by Concat) with BatchNorm
 
 Every layer is named explicitly; train_val and deploy share the names so that
 weights transfer. The data layers are added by `train_val()` / `deploy()`.
@@ -26,7 +30,9 @@ FROZEN_STATS = [dict(lr_mult=0, decay_mult=0)] * 3  # BatchNorm's mean/var/count
 
 
 def weight_filler(kind, std):
-    return dict(type="xavier") if kind == "xavier" else dict(type="gaussian", std=std)
+    if kind in ("xavier", "msra"):  # msra: He et al.'s init, for ReLU nets without LRN or Power scaling
+        return dict(type=kind)
+    return dict(type="gaussian", std=std)
 
 
 def conv(n, name, bottom, num_output, kernel, stride=1, pad=0, group=1, filler="gaussian", std=0.01,
@@ -47,9 +53,11 @@ def fc(n, name, bottom, num_output, filler="gaussian", std=0.005, bias=0.0):
     return getattr(n, name)
 
 
-def batch_norm(n, suffix, bottom):
-    """BatchNorm + Scale (Caffe's BN has no affine part), in place; use_global_stats follows the phase."""
-    setattr(n, "bn" + suffix, L.BatchNorm(bottom, name="bn" + suffix, in_place=True, param=FROZEN_STATS))
+def batch_norm(n, suffix, bottom, moving_average=None):
+    """BatchNorm + Scale (Caffe's BN has no affine part), in place; use_global_stats follows the phase.
+    moving_average: the running statistics' decay (None: Caffe's 0.999)."""
+    extra = dict(batch_norm_param=dict(moving_average_fraction=moving_average)) if moving_average else {}
+    setattr(n, "bn" + suffix, L.BatchNorm(bottom, name="bn" + suffix, in_place=True, param=FROZEN_STATS, **extra))
     setattr(n, "scale" + suffix, L.Scale(bottom, name="scale" + suffix, in_place=True, bias_term=True))
     return bottom
 
@@ -136,6 +144,98 @@ def vgg_family(n, data, stages, fcs, num_classes, act="prelu", bn=True, dropout_
     return fc(n, "fc_out", top, num_classes, "xavier")
 
 
+# The residual and Inception nets' BN statistics decay as PyTorch's (momentum 0.1): Caffe's 0.999
+# averages over thousands of iterations, so the TEST-phase statistics of a short run (the CPU
+# demo's few hundred iterations) still carry its first, untrained iterations.
+BN_MOVING_AVERAGE = 0.9
+
+
+def conv_bn(n, name, suffix, bottom, num_output, kernel, stride=1, pad=0, act="relu"):
+    """conv (no bias: BN's Scale has one) -> BatchNorm + Scale -> activation (act None: none)."""
+    top = conv(n, name, bottom, num_output, kernel, stride, pad, filler="msra", bias_term=False)
+    top = batch_norm(n, suffix, top, BN_MOVING_AVERAGE)
+    return activation(n, suffix, top, act) if act else top
+
+
+def basic_block(n, block, bottom, width, stride, project, act):
+    """ResNet's basic block, Caffe ResNet naming: res<block>_branch2a/2b (3x3, 3x3), the
+    shortcut res<block>_branch1 (1x1 projection + BN) where the shape changes, Eltwise SUM
+    res<block>, then the activation."""
+    branch = conv_bn(n, "res%s_branch2a" % block, "%s_branch2a" % block, bottom, width, 3, stride, 1, act)
+    branch = conv_bn(n, "res%s_branch2b" % block, "%s_branch2b" % block, branch, width, 3, 1, 1, act=None)
+    shortcut = (conv_bn(n, "res%s_branch1" % block, "%s_branch1" % block, bottom, width, 1, stride, 0, act=None)
+                if project else bottom)
+    setattr(n, "res" + block, L.Eltwise(shortcut, branch, name="res" + block, operation=P.Eltwise.SUM))
+    return activation(n, "_res" + block, getattr(n, "res" + block), act)
+
+
+def global_pool(n, name, bottom):
+    setattr(n, name, L.Pooling(bottom, name=name, pool=P.Pooling.AVE, global_pooling=True))
+    return getattr(n, name)
+
+
+def residual_family(n, data, widths, blocks, num_classes, act="relu", stem_stride=1):
+    """ResNet for 64x64 inputs: a 3x3 stem conv + BN (no 7x7/2 conv and max-pool: they would
+    leave 2x2 maps), stages of basic blocks (stride 2 from the second stage), global average
+    pooling, the classifier. No dropout: BN regularises. stem_stride 2 halves the maps once more
+    (the CPU demo net)."""
+    top = conv_bn(n, "conv1", "_conv1", data, widths[0], 3, stem_stride, 1, act)
+    in_width = widths[0]
+    for stage, (width, count) in enumerate(zip(widths, blocks), 2):
+        for b in range(count):
+            stride = 2 if b == 0 and stage > 2 else 1
+            top = basic_block(n, "%d%s" % (stage, "abcdefgh"[b]), top, width, stride,
+                              project=stride != 1 or width != in_width, act=act)
+            in_width = width
+    top = global_pool(n, "pool5", top)
+    return fc(n, "fc_out", top, num_classes, "msra")
+
+
+@dataclass(frozen=True)
+class InceptionSpec:
+    """One Inception module's widths: 1x1; 3x3 reduce -> 3x3; reduce -> two 3x3 (the 5x5 of
+    GoogLeNet, as BN-Inception factors it); max-pool 3/1 -> 1x1 projection."""
+    b1x1: int
+    b3x3_reduce: int
+    b3x3: int
+    b33_reduce: int
+    b33: int
+    pool_proj: int
+
+    @property
+    def width(self):
+        return self.b1x1 + self.b3x3 + self.b33 + self.pool_proj
+
+
+def inception_module(n, name, bottom, spec, act):
+    """Four branches on the same input, joined by Concat along the channels."""
+    def unit(part, bottom, width, kernel):  # conv + BN + act, named <module>_<part> (bn_..., relu_...)
+        return conv_bn(n, name + part, "_" + name + part, bottom, width, kernel, 1, kernel // 2, act)
+    b1 = unit("_1x1", bottom, spec.b1x1, 1)
+    b2 = unit("_3x3", unit("_3x3_reduce", bottom, spec.b3x3_reduce, 1), spec.b3x3, 3)
+    b3 = unit("_double3x3_reduce", bottom, spec.b33_reduce, 1)
+    b3 = unit("_double3x3b", unit("_double3x3a", b3, spec.b33, 3), spec.b33, 3)
+    setattr(n, name + "_pool", L.Pooling(bottom, name=name + "_pool", pool=P.Pooling.MAX, kernel_size=3, stride=1,
+                                         pad=1))
+    b4 = unit("_pool_proj", getattr(n, name + "_pool"), spec.pool_proj, 1)
+    setattr(n, name + "_output", L.Concat(b1, b2, b3, b4, name=name + "_output"))
+    return getattr(n, name + "_output")
+
+
+def inception_family(n, data, stem, stages, num_classes, act="relu"):
+    """stem 3x3 conv + BN + 2x2 max-pool (60 -> 30), then stages of Inception modules with a
+    2x2 max-pool between stages, global average pooling, the classifier."""
+    top = conv_bn(n, "conv1", "_conv1", data, stem, 3, 1, 1, act)
+    top = max_pool(n, "pool1", top, 2, 2)
+    for si, modules in enumerate(stages, 3):
+        if si > 3:
+            top = max_pool(n, "pool%d" % (si - 1), top, 2, 2)
+        for mi, spec in enumerate(modules):
+            top = inception_module(n, "inception_%d%s" % (si, "abcdefgh"[mi]), top, spec, act)
+    top = global_pool(n, "pool_out", top)
+    return fc(n, "fc_out", top, num_classes, "msra")
+
+
 # ---------------------------------------------------------------- the variants (SPEC section 5)
 # Caffe's bvlc_alexnet, unchanged but for the 60x60 input and the class count (batch 256 too).
 ALEXNET_CONVS = (
@@ -156,6 +256,15 @@ SMALL_CONVS = (
 )
 VGG_STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512))
 TINY_STAGES = ((16,), (32,), (64,))
+RESNET_WIDTHS = (64, 128, 256, 512)
+RESNET_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}  # basic blocks per stage (He et al., Table 1)
+RESNET_TINY_WIDTHS = (16, 32, 64)
+# GoogLeNet's modules 3a, 3b (on 30x30 maps here) and 4a, 4b (15x15), its widths (Szegedy et al.
+# 2015, Table 1), each 5x5 branch as two 3x3 (BN-Inception).
+INCEPTION_STAGES = (
+    (InceptionSpec(64, 96, 128, 16, 32, 32), InceptionSpec(128, 128, 192, 32, 96, 64)),     # 256, 480 wide
+    (InceptionSpec(192, 96, 208, 16, 48, 64), InceptionSpec(160, 112, 224, 24, 64, 64)),    # 512, 512 wide
+)
 
 
 @dataclass(frozen=True)
@@ -167,6 +276,7 @@ class Variant:
     kwargs: dict = field(default_factory=dict)
     batch_size: int = 128  # default train batch
     input_scale: float = 1.0  # multiplies the mean-subtracted pixels inside the net (a Power layer)
+    solver_family: str = "paper"  # solver.py's recipe: "paper" (step, 0.01) or "bn" (multistep, 0.1)
 
 
 # Xavier assumes unit-variance inputs; mean-subtracted pixels have a std near 64. Unscaled,
@@ -191,6 +301,17 @@ VARIANTS = {v.name: v for v in (
     Variant("tiny", "3 conv stages of 16/32/64, one fc of 128: a fast CPU demo net", "—", vgg_family,
             dict(stages=TINY_STAGES, fcs=(128,), act="relu", bn=False, dropout_ratio=0.0), batch_size=32,
             input_scale=XAVIER_INPUT_SCALE),
+    # The residual and Inception nets have BatchNorm right after their first conv: it normalises
+    # whatever scale the pixels come in, so they take no 1/64 input scaling (input_scale 1).
+    Variant("resnet18", "ResNet-18, 3x3 stem, 4 stages of 2 basic blocks (64-512), BN, He init", "—",
+            residual_family, dict(widths=RESNET_WIDTHS, blocks=RESNET_BLOCKS[18]), solver_family="bn"),
+    Variant("resnet34", "ResNet-34, 3x3 stem, stages of 3/4/6/3 basic blocks (64-512), BN, He init", "—",
+            residual_family, dict(widths=RESNET_WIDTHS, blocks=RESNET_BLOCKS[34]), solver_family="bn"),
+    Variant("inception_small", "stem + 4 Inception modules (1x1, 3x3, 2x3x3, pool proj; Concat), BN, GAP", "—",
+            inception_family, dict(stem=64, stages=INCEPTION_STAGES), solver_family="bn"),
+    Variant("resnet_tiny", "the residual builder at 16/32/64 wide, 1 block a stage, stride-2 stem: a CPU demo net",
+            "—", residual_family, dict(widths=RESNET_TINY_WIDTHS, blocks=(1, 1, 1), stem_stride=2), batch_size=32,
+            solver_family="bn"),
 )}
 
 

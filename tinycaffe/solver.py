@@ -15,6 +15,12 @@ SCHEDULES = {  # stepsize: iterations per LR/10; max_iter; test_interval; snapsh
     "fast": dict(stepsize=5000, max_iter=20000, test_interval=1000, snapshot=5000),  # the paper's exploring schedule
     "alexnet": dict(stepsize=100000, max_iter=450000, test_interval=1000, snapshot=10000),  # bvlc_alexnet's
 }
+# The recipe BatchNorm nets (ResNet, Inception) are known to train with: LR 0.1 divided by 10
+# at 50% and 75% of the run (He et al. 2016; fb.resnet.torch's CIFAR/ImageNet recipes).
+BN_BASE_LR = 0.1  # at batch 128; other batches scale it linearly (Goyal et al. 2017)
+BN_BATCH = 128
+BN_STEPS = (0.5, 0.75)  # fractions of max_iter where the LR drops 10x ("multistep")
+FAMILIES = ("paper", "bn")  # nets.Variant.solver_family
 SOLVER_TYPES = {"sgd": "SGD", "nesterov": "Nesterov", "adagrad": "AdaGrad"}
 MODES = {"gpu": "GPU", "cpu": "CPU"}
 
@@ -27,8 +33,12 @@ def test_batch_for(val_count, limit=MAX_TEST_BATCH):
 
 
 def make_solver(net_path, snapshot_prefix, val_count, schedule="fast", solver_type="sgd", mode="gpu",
-                max_iter=None, seed=RANDOM_SEED, test_interval=None):
-    """A SolverParameter for train_val at net_path. test_iter = val_count / test batch."""
+                max_iter=None, seed=RANDOM_SEED, test_interval=None, family="paper", batch=BN_BATCH):
+    """A SolverParameter for train_val at net_path. test_iter = val_count / test batch.
+    family "paper": the paper's step schedule from 0.01; "bn": multistep from 0.1 x batch/128,
+    /10 at 50% and 75% of max_iter (the schedule's length)."""
+    if family not in FAMILIES:
+        raise ValueError("unknown solver family '%s' (valid: %s)" % (family, ", ".join(FAMILIES)))
     if schedule not in SCHEDULES:
         raise ValueError("unknown schedule '%s' (valid: %s)" % (schedule, ", ".join(SCHEDULES)))
     if solver_type not in SOLVER_TYPES:
@@ -48,6 +58,11 @@ def make_solver(net_path, snapshot_prefix, val_count, schedule="fast", solver_ty
     s.lr_policy = "step"
     s.gamma = GAMMA
     s.stepsize = plan["stepsize"]
+    if family == "bn":
+        s.base_lr = BN_BASE_LR * batch / BN_BATCH
+        s.lr_policy = "multistep"
+        s.ClearField("stepsize")
+        s.stepvalue.extend(max(1, int(s.max_iter * f)) for f in BN_STEPS)
     if solver_type != "adagrad":
         s.momentum = MOMENTUM
     s.weight_decay = WEIGHT_DECAY
