@@ -228,3 +228,19 @@ def test_inception_module_branches_and_concat(caffe, tmp_path):
     assert shapes["inception_3a_output"] == (1, 256, 30, 30) and shapes["inception_3b_output"] == (1, 480, 30, 30)
     assert shapes["inception_4a_output"] == (1, 512, 15, 15) and shapes["inception_4b_output"] == (1, 512, 15, 15)
     assert shapes["pool_out"] == (1, 512, 1, 1) and shapes["prob"] == (1, 200)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "inception_small", "resnet_tiny"])
+def test_batchnorm_families_start_at_ln_200(caffe, tmp_path, name):
+    """200 classes, mean-subtracted-like pixels (std 60), fresh weights, BN on batch statistics
+    (TRAIN phase, as in training's first step): the first loss is ln 200 = 5.30, not above it
+    (an msra classifier started resnet34 at 6.5)."""
+    path = tmp_path / "deploy.prototxt"
+    path.write_text(text_format.MessageToString(nets.deploy(name, 200, 60)))
+    caffe.set_random_seed(3)
+    net = caffe.Net(str(path), caffe.TRAIN)
+    rng = np.random.RandomState(0)
+    net.blobs["data"].reshape(8, 3, 60, 60)
+    prob = net.forward(data=rng.normal(0, 60, (8, 3, 60, 60)).astype(np.float32))["prob"]
+    loss = float(-np.log(prob[np.arange(8), rng.randint(0, 200, 8)]).mean())
+    assert abs(loss - math.log(200)) < 0.3, loss

@@ -169,26 +169,37 @@ def basic_block(n, block, bottom, width, stride, project, act):
     return activation(n, "_res" + block, getattr(n, "res" + block), act)
 
 
+BLOCK_LETTERS = "abcdefghijklmnopqrstuvwxyz"  # res2a, res2b, ...: Caffe ResNet's block names
+# The BN families' classifier: small Gaussian weights, so that the first loss is ln(classes)
+# (msra there spread the 200 logits by ~1.0-1.4 and started resnet34 at 6.5 instead of 5.3).
+CLASSIFIER_STD = 0.01
+
+
 def global_pool(n, name, bottom):
     setattr(n, name, L.Pooling(bottom, name=name, pool=P.Pooling.AVE, global_pooling=True))
     return getattr(n, name)
 
 
-def residual_family(n, data, widths, blocks, num_classes, act="relu", stem_stride=1):
+def residual_family(n, data, widths, num_classes, depth=None, blocks=None, act="relu", stem_stride=1):
     """ResNet for 64x64 inputs: a 3x3 stem conv + BN (no 7x7/2 conv and max-pool: they would
     leave 2x2 maps), stages of basic blocks (stride 2 from the second stage), global average
-    pooling, the classifier. No dropout: BN regularises. stem_stride 2 halves the maps once more
-    (the CPU demo net)."""
+    pooling, the classifier. depth 18 or 34 (He et al.'s block counts), or blocks per stage.
+    No dropout: BN regularises. stem_stride 2 halves the maps once more (the CPU demo net)."""
+    if blocks is None:
+        if depth not in RESNET_BLOCKS:
+            raise ValueError("residual depth %s: expected one of %s (or blocks per stage)"
+                             % (depth, ", ".join(map(str, sorted(RESNET_BLOCKS)))))
+        blocks = RESNET_BLOCKS[depth]
     top = conv_bn(n, "conv1", "_conv1", data, widths[0], 3, stem_stride, 1, act)
     in_width = widths[0]
     for stage, (width, count) in enumerate(zip(widths, blocks), 2):
         for b in range(count):
             stride = 2 if b == 0 and stage > 2 else 1
-            top = basic_block(n, "%d%s" % (stage, "abcdefgh"[b]), top, width, stride,
+            top = basic_block(n, "%d%s" % (stage, BLOCK_LETTERS[b]), top, width, stride,
                               project=stride != 1 or width != in_width, act=act)
             in_width = width
     top = global_pool(n, "pool5", top)
-    return fc(n, "fc_out", top, num_classes, "msra")
+    return fc(n, "fc_out", top, num_classes, std=CLASSIFIER_STD)
 
 
 @dataclass(frozen=True)
@@ -231,9 +242,9 @@ def inception_family(n, data, stem, stages, num_classes, act="relu"):
         if si > 3:
             top = max_pool(n, "pool%d" % (si - 1), top, 2, 2)
         for mi, spec in enumerate(modules):
-            top = inception_module(n, "inception_%d%s" % (si, "abcdefgh"[mi]), top, spec, act)
+            top = inception_module(n, "inception_%d%s" % (si, BLOCK_LETTERS[mi]), top, spec, act)
     top = global_pool(n, "pool_out", top)
-    return fc(n, "fc_out", top, num_classes, "msra")
+    return fc(n, "fc_out", top, num_classes, std=CLASSIFIER_STD)
 
 
 # ---------------------------------------------------------------- the variants (SPEC section 5)
@@ -257,7 +268,7 @@ SMALL_CONVS = (
 VGG_STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512))
 TINY_STAGES = ((16,), (32,), (64,))
 RESNET_WIDTHS = (64, 128, 256, 512)
-RESNET_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}  # basic blocks per stage (He et al., Table 1)
+RESNET_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}  # depth -> basic blocks per stage (He et al., Table 1)
 RESNET_TINY_WIDTHS = (16, 32, 64)
 # GoogLeNet's modules 3a, 3b (on 30x30 maps here) and 4a, 4b (15x15), its widths (Szegedy et al.
 # 2015, Table 1), each 5x5 branch as two 3x3 (BN-Inception).
@@ -304,9 +315,9 @@ VARIANTS = {v.name: v for v in (
     # The residual and Inception nets have BatchNorm right after their first conv: it normalises
     # whatever scale the pixels come in, so they take no 1/64 input scaling (input_scale 1).
     Variant("resnet18", "ResNet-18, 3x3 stem, 4 stages of 2 basic blocks (64-512), BN, He init", "—",
-            residual_family, dict(widths=RESNET_WIDTHS, blocks=RESNET_BLOCKS[18]), solver_family="bn"),
+            residual_family, dict(widths=RESNET_WIDTHS, depth=18), solver_family="bn"),
     Variant("resnet34", "ResNet-34, 3x3 stem, stages of 3/4/6/3 basic blocks (64-512), BN, He init", "—",
-            residual_family, dict(widths=RESNET_WIDTHS, blocks=RESNET_BLOCKS[34]), solver_family="bn"),
+            residual_family, dict(widths=RESNET_WIDTHS, depth=34), solver_family="bn"),
     Variant("inception_small", "stem + 4 Inception modules (1x1, 3x3, 2x3x3, pool proj; Concat), BN, GAP", "—",
             inception_family, dict(stem=64, stages=INCEPTION_STAGES), solver_family="bn"),
     Variant("resnet_tiny", "the residual builder at 16/32/64 wide, 1 block a stage, stride-2 stem: a CPU demo net",

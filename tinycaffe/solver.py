@@ -62,7 +62,7 @@ def make_solver(net_path, snapshot_prefix, val_count, schedule="fast", solver_ty
         s.base_lr = BN_BASE_LR * batch / BN_BATCH
         s.lr_policy = "multistep"
         s.ClearField("stepsize")
-        s.stepvalue.extend(max(1, int(s.max_iter * f)) for f in BN_STEPS)
+        s.stepvalue.extend(sorted({max(1, int(s.max_iter * f)) for f in BN_STEPS}))  # increasing, as Caffe wants
     if solver_type != "adagrad":
         s.momentum = MOMENTUM
     s.weight_decay = WEIGHT_DECAY

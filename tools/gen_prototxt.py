@@ -27,7 +27,9 @@ def build_parser():
                    help="train batch (default per variant: %s)"
                    % ", ".join("%s %d" % (n, v.batch_size) for n, v in nets.VARIANTS.items()))
     p.add_argument("--schedule", default="fast", choices=sorted(solver.SCHEDULES),
-                   help="fast: LR/10 every 5,000 iterations, alexnet: every 100,000 (default fast)")
+                   help="fast: LR/10 every 5,000 iterations of 20,000, alexnet: every 100,000 of 450,000; the "
+                        "BatchNorm families (resnet*, inception_small) /10 at 50%% and 75%% of those lengths "
+                        "(default fast)")
     p.add_argument("--solver", default="sgd", choices=sorted(solver.SOLVER_TYPES),
                    help="solver type (default sgd)")
     p.add_argument("--mode", default="gpu", choices=sorted(solver.MODES), help="solver_mode (default gpu)")
