@@ -5,8 +5,11 @@ iterations that cost the same time, from `caffe time` measured side by side in t
 All train through scripts/train.sh on the sample LMDBs (as the quickstart makes them) and
 end with a validation; the table gives iterations, training seconds and val top-1/top-5.
 
-    .venv/bin/python bench/bench_learn.py [--variants tiny,resnet_tiny] [--iters 600]
+    .venv/bin/python bench/bench_learn.py [--variants tiny,resnet_tiny] [--iters 600] [--seeds 0]
                                           [--lmdb-dir data/sample/lmdb] [--out FILE.json]
+
+With several --seeds (solver random_seed: fillers, crops, mirrors) each variant trains once
+per seed and the table adds the mean: 200 val images make one run's margin a few images.
 """
 import argparse
 import datetime
@@ -32,6 +35,7 @@ def build_parser():
     p.add_argument("--variants", default="tiny,resnet_tiny",
                    help="comma-separated; the first sets the budget (default tiny,resnet_tiny)")
     p.add_argument("--iters", type=int, default=600, help="iterations of the first variant (default 600)")
+    p.add_argument("--seeds", default="0", help="comma-separated solver random seeds (default 0)")
     p.add_argument("--lmdb-dir", default=os.path.join(REPO, "data", "sample", "lmdb"),
                    help="the sample LMDBs, as scripts/quickstart.sh makes them (default data/sample/lmdb)")
     p.add_argument("--out", default=None,
@@ -39,13 +43,13 @@ def build_parser():
     return p
 
 
-def train(variant, iters, lmdb_dir, work):
+def train(variant, iters, lmdb_dir, work, seed):
     """Generate the variant for the sample data, train it with train.sh; -> run.json's final numbers."""
     with open(os.path.join(lmdb_dir, "manifest.json")) as f:
         manifest = json.load(f)
     cfg = gen.GenConfig(out=os.path.join(work, "prototxt"), lmdb_dir=lmdb_dir, mode="cpu",
                         num_classes=manifest["num_classes"], val_size=manifest["splits"]["val"]["count"],
-                        max_iter=iters, test_interval=max(iters // 3, 1))
+                        max_iter=iters, test_interval=max(iters // 3, 1), seed=seed)
     gen.generate([variant], cfg)
     runs_root = os.path.join(work, "runs")
     out = subprocess.run(["bash", os.path.join(REPO, "scripts", "train.sh"),
@@ -71,19 +75,29 @@ def main(argv=None):
     iterations = {v: max(int(round(budget / ms[v])), 3) for v in names}
     print("CPU: %s, %d CPUs usable; budget: %d iterations of %s = %.0f s of compute"
           % (cpu_name(), devices.usable_cpus(), args.iters, names[0], budget / 1000.0), flush=True)
+    seeds = [int(x) for x in args.seeds.split(",") if x != ""]
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        for v in names:
-            final = train(v, iterations[v], args.lmdb_dir, os.path.join(work, v))
-            rows.append({"variant": v, "batch": nets.variant(v).batch_size, "ms_per_iteration": round(ms[v], 1),
-                         "iterations": iterations[v], "train_seconds": final.get("wall_seconds"),
-                         "val_top1": final.get("accuracy_top1"), "val_top5": final.get("accuracy_top5")})
-    print("\n| variant | batch | ms per iteration | iterations | training s | val top-1 | val top-5 |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+        for seed in seeds:
+            for v in names:
+                final = train(v, iterations[v], args.lmdb_dir, os.path.join(work, "%s-%d" % (v, seed)), seed)
+                rows.append({"variant": v, "seed": seed, "batch": nets.variant(v).batch_size,
+                             "ms_per_iteration": round(ms[v], 1), "iterations": iterations[v],
+                             "train_seconds": final.get("wall_seconds"),
+                             "val_top1": final.get("accuracy_top1"), "val_top5": final.get("accuracy_top5")})
+    print("\n| variant | seed | batch | ms per iteration | iterations | training s | val top-1 | val top-5 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print("| `%s` | %d | %.0f | %d | %.0f | %.1f%% | %.1f%% |" % (r["variant"], r["batch"], r["ms_per_iteration"],
-                                                                  r["iterations"], r["train_seconds"] or 0,
-                                                                  100 * r["val_top1"], 100 * r["val_top5"]))
+        print("| `%s` | %d | %d | %.0f | %d | %.0f | %.1f%% | %.1f%% |"
+              % (r["variant"], r["seed"], r["batch"], r["ms_per_iteration"], r["iterations"],
+                 r["train_seconds"] or 0, 100 * r["val_top1"], 100 * r["val_top5"]))
+    if len(seeds) > 1:
+        for v in names:
+            mine = [r for r in rows if r["variant"] == v]
+            print("| `%s` | mean of %d | | | | %.0f | %.1f%% | %.1f%% |"
+                  % (v, len(mine), sum(r["train_seconds"] or 0 for r in mine) / len(mine),
+                     100 * sum(r["val_top1"] for r in mine) / len(mine),
+                     100 * sum(r["val_top5"] for r in mine) / len(mine)))
     out = args.out or os.path.join(REPO, "bench", "results", "learn-%s.json" % datetime.date.today().isoformat())
     os.makedirs(os.path.dirname(out), exist_ok=True)
     write_text(out, json.dumps({"cpu": cpu_name(), "budget_ms": budget, "rows": rows}, indent=2) + "\n")
