@@ -59,6 +59,7 @@ class CaffeTwin(nn.Module):
         self.fused_scales = set()    # Scale layers folded into the BatchNorm before them
         self.scale_of = {}           # BatchNorm name -> its folded Scale's name
         shapes = {}
+        self._shape_of = shapes.__getitem__  # Concat reads the shapes of all its inputs
         layers = [layer for layer in net.layer if _in_phase(layer, phase)]
         for i, layer in enumerate(layers):
             kind = layer.type
@@ -74,7 +75,6 @@ class CaffeTwin(nn.Module):
                 p = layer.eltwise_param
                 self.eltwise[layer.name] = (p.operation, list(p.coeff) or [1.0] * len(layer.bottom))
             shape = shapes[layer.bottom[0]]
-            self._shape_of = shapes.__getitem__
             module, out_shape = self._module(layer, shape, layers[i + 1:])
             if module is not None:
                 self.layers[layer.name] = module

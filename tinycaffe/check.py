@@ -53,14 +53,11 @@ def is_train_val(net):
 
 # ---------------------------------------------------------------- building (child process)
 def _datum_side(source):
-    """Height/width of the first Datum of an LMDB, or None."""
+    """(channels, height, width) of the first Datum of an LMDB, or None when it cannot be read."""
     try:
-        from .data import iter_lmdb
-        for _, datum in iter_lmdb(source, limit=1):
-            return datum.channels, datum.height, datum.width
+        return fit.image_shape(source)
     except Exception:
         return None
-    return None
 
 
 def with_dummy_data(net, warnings, base=None):

@@ -16,7 +16,6 @@ from . import REPO_ROOT, data, repo_path
 GENERATED_DIR = "prototxt"  # gen_prototxt.py's default output, relative to the repo root
 
 LOSS_TYPES = ("SoftmaxWithLoss", "Accuracy", "Softmax", "SigmoidCrossEntropyLoss")
-CLASSIFIER_TYPES = ("InnerProduct", "Convolution")
 # Layers that keep the channel count of their input: the classifier's width shows through them
 # (a Convolution head closed by global pooling, an in-place Dropout on the scores, ...).
 PASS_THROUGH_TYPES = ("Pooling", "Flatten", "Dropout", "ReLU", "PReLU", "ELU", "TanH", "Sigmoid", "BatchNorm",
@@ -35,9 +34,13 @@ def base_for(prototxt_path):
     return REPO_ROOT if inside else os.getcwd()
 
 
+def absolute(path, base):
+    """path made absolute against base (a prototxt's relative paths are Caffe's); "" stays ""."""
+    return path if not path or os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
+
+
 def resolved_source(layer, base):
-    source = layer.data_param.source
-    return source if not source or os.path.isabs(source) else os.path.normpath(os.path.join(base, source))
+    return absolute(layer.data_param.source, base)
 
 
 def dataset_dir(lmdb_path):

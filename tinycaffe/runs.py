@@ -115,10 +115,6 @@ def solver_count(gpu):
 
 
 # ---------------------------------------------------------------- checks before launching
-def _absolute(path, base):
-    return path if not path or os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
-
-
 def precheck(solver, solver_path, base=REPO_ROOT):
     """What would fail late inside Caffe: net file, LMDB sources, mean files, and whether the
     net fits its data (class count, crop). Paths in the solver and net are resolved against
@@ -126,18 +122,18 @@ def precheck(solver, solver_path, base=REPO_ROOT):
     net_path = solver.net or solver.train_net
     if not net_path:
         raise RunError("%s: no `net:` (expected the train_val.prototxt path)" % solver_path)
-    net_path = _absolute(net_path, base)
+    net_path = fit.absolute(net_path, base)
     if not os.path.isfile(net_path):
         raise RunError("%s: net %s does not exist (paths in it are relative to %s)" % (solver_path, net_path, base))
     net = read_message(net_path, caffe_pb2().NetParameter())
     for layer in net.layer:
         if layer.type not in DATA_LAYER_TYPES:
             continue
-        layer.data_param.source = source = _absolute(layer.data_param.source, base)
+        layer.data_param.source = source = fit.absolute(layer.data_param.source, base)
         if not os.path.isfile(os.path.join(source, "data.mdb")):
             raise RunError("%s: layer '%s' reads %s, which is not an LMDB (run tools/make_lmdb.py first)"
                            % (net_path, layer.name, source))
-        mean = _absolute(layer.transform_param.mean_file, base)
+        mean = fit.absolute(layer.transform_param.mean_file, base)
         if mean:  # assigning "" would set the field, and Caffe would try to open a mean file ""
             layer.transform_param.mean_file = mean
         if mean and not os.path.isfile(mean):
@@ -248,8 +244,8 @@ def with_absolute_paths(used, base=REPO_ROOT):
     wrote absolute paths hold repo-relative ones (Caffe then ran from the repo root)."""
     copy = caffe_pb2().SolverParameter()
     copy.CopyFrom(used)
-    copy.net = _absolute(copy.net, base)
-    copy.snapshot_prefix = _absolute(copy.snapshot_prefix, base)
+    copy.net = fit.absolute(copy.net, base)
+    copy.snapshot_prefix = fit.absolute(copy.snapshot_prefix, base)
     return copy
 
 

@@ -4,7 +4,7 @@ import json
 import os
 import re
 
-from . import data
+from . import data, fit
 
 NAME_RE = re.compile(r"^test_(\d+)\.JPEG$")
 
@@ -27,7 +27,7 @@ def expected_names(test_lmdb):
     """Every image of the test split as make_lmdb.py listed it (its manifest.json beside the LMDB):
     the LMDB's records plus the files it skipped (--skip-bad), sorted by N. A skipped image is
     still on the scoreboard's list, so a file without it is incomplete."""
-    manifest_path = os.path.join(os.path.dirname(os.path.normpath(os.path.abspath(test_lmdb))), "manifest.json")
+    manifest_path = os.path.join(fit.dataset_dir(test_lmdb), "manifest.json")
     try:
         with open(manifest_path) as f:
             manifest = json.load(f)

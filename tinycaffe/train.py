@@ -55,10 +55,10 @@ def launch(args, argv):
                                 "tools/train.py --resume" % run_dir)
         state = runs.newest_solverstate(run_dir)
         used = runs.read_message(os.path.join(run_dir, "solver.prototxt"), caffe_pb2().SolverParameter())
-        runs.precheck(used, os.path.join(run_dir, "solver.prototxt"))
         runs.set_device(run_dir, used, gpu)  # a run may continue on another device
         record["data_segments"] = runs.add_data_segment(record, runs.snapshot_iteration(state),
                                                         runs.solver_count(gpu))
+        # prechecks the run's net (LMDBs, mean, fit) as a new run's is checked
         solver_file = runs.continue_data_stream(run_dir, used, state, record["data_segments"])
         record["resumes"].append({"at": runs.now(), "from": state, "command": argv})
         record["status"] = "running"
@@ -333,7 +333,7 @@ class Worker:
         p = caffe_pb2().SolverParameter()
         p.CopyFrom(self.param)
         if state:
-            segments = runs.load_record(self.run_dir).get("data_segments") or [{"from": 0, "solvers": 1}]
+            segments = runs.load_record(self.run_dir)["data_segments"]  # written by the parent first
             p.net = runs.read_message(runs.continue_data_stream(self.run_dir, self.param, state, segments),
                                       caffe_pb2().SolverParameter()).net
         # Caffe insists on test_interval > 0 when there is a test net: one it never reaches.

@@ -8,6 +8,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from .evaluate import input_blob
 from .files import write_text
 
 FILTER_SCALE = 8  # each filter pixel becomes 8x8 screen pixels
@@ -68,7 +69,7 @@ def filter_grid(net, path, layer=None):
 def feature_maps(net, image_chw_minus_mean, out_dir, layers=2, max_maps=64):
     """Forward one image (already minus the mean, crop-sized) and save the maps of the first
     `layers` conv layers as grids; returns the paths."""
-    blob = net.inputs[0] if net.inputs else "data"
+    blob = input_blob(net)
     net.blobs[blob].reshape(1, *image_chw_minus_mean.shape)
     net.reshape()
     net.blobs[blob].data[0] = image_chw_minus_mean

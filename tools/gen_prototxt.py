@@ -82,7 +82,8 @@ def main(argv=None):
         if unknown or not names:
             return _fail("--variants: unknown %s (valid: all, %s)" % (",".join(unknown) or "(none)",
                                                                       ", ".join(nets.VARIANTS)))
-        cfg = gen.GenConfig(out=args.out, lmdb_dir=args.lmdb_dir or gen.DEFAULT_LMDB_DIR, crop=args.crop, batch_size=args.batch_size,
+        cfg = gen.GenConfig(out=args.out, lmdb_dir=args.lmdb_dir or gen.DEFAULT_LMDB_DIR, crop=args.crop,
+                            batch_size=args.batch_size,
                             schedule=args.schedule, solver=args.solver, mode=args.mode, max_iter=args.max_iter,
                             test_interval=args.test_interval,
                             num_classes=_num_classes(args), val_size=args.val_size, seed=args.seed)
