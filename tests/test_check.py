@@ -117,3 +117,23 @@ def test_generated_files_read_their_data_from_the_repo_root_from_any_directory(r
         assert "not readable yet" not in out.stdout  # the repo's LMDB was found and read
     else:
         assert note in out.stdout
+
+
+def test_augmentation_fields_are_checked_with_one_line_each(repo, tmp_path):
+    """--check names a bad augmentation value (Caffe itself would stop with a CHECK and a stack
+    dump at the first batch) and accepts every preset."""
+    out = subprocess.run([sys.executable, os.path.join(repo, TOOL), "--variants", "tiny", "--out",
+                          str(tmp_path / "p"), "--augment", "full"], cwd=repo, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    path = tmp_path / "p" / "tiny" / "train_val.prototxt"
+    good = run_check(repo, path)
+    assert good.returncode == 0, good.stderr
+    replace_once(path, "hue_prob: 0.5", "hue_prob: 1.5")
+    replace_once(path, "min_area: 0.08", "min_area: 0")
+    bad = run_check(repo, path)
+    assert bad.returncode == 1
+    problems = [line for line in bad.stderr.splitlines() if line.startswith("problem: ")]
+    assert any("(layer 'data'): distort_param.hue_prob is 1.5, expected a probability in [0, 1]" in p
+               for p in problems)
+    assert any("random_resized_crop_param area is 0..1, expected 0 < min_area <= max_area <= 1" in p
+               for p in problems)

@@ -348,3 +348,22 @@ def test_lmdb_info_prints_and_draws(repo, built, tmp_path):
         tile = np.asarray(im.convert("RGB"))[:64, :64]
     recs = records(os.path.join(out, "val_lmdb"))
     np.testing.assert_array_equal(tile, data.datum_to_rgb(recs[0][1]))
+
+
+def test_manifest_pca_basis_is_the_train_pixels_colour_covariance(built):
+    """pca_bgr (the PCA-lighting basis gen_prototxt --augment colour|full writes into the nets):
+    the eigen-decomposition of the covariance of every train pixel's (B, G, R), from the LMDB."""
+    out, manifest = built
+    pixels = np.concatenate([np.frombuffer(d.data, np.uint8).reshape(3, -1)
+                             for _, d in data.iter_lmdb(os.path.join(out, "train_lmdb"))], axis=1).astype(np.float64)
+    covariance = np.cov(pixels, bias=True)
+    basis = manifest["pca_bgr"]
+    vectors, stds = np.array(basis["eigvec"]), np.array(basis["eigval"])
+    assert basis["pixels"] == pixels.shape[1] == 48 * 64 * 64
+    assert list(stds) == sorted(stds, reverse=True) and stds.min() >= 0
+    np.testing.assert_allclose(vectors.T @ vectors, np.eye(3), atol=1e-5)  # orthonormal columns
+    # covariance = V diag(std^2) V^T, to the manifest's 6 decimals
+    np.testing.assert_allclose(vectors @ np.diag(stds ** 2) @ vectors.T, covariance, rtol=1e-4, atol=1e-2)
+    assert vectors[:, 0].sum() > 0  # the first axis (brightness, for natural images) points towards brighter
+    with open(os.path.join(out, "manifest.json")) as f:
+        assert json.load(f)["pca_bgr"] == basis

@@ -67,3 +67,57 @@ def test_bad_numbers_one_line_error(repo, tmp_path):
         assert out.returncode == 1 and needle in out.stderr and len(out.stderr.strip().splitlines()) == 1
     out = run_tool(repo, "--solver", "adam")
     assert out.returncode == 2 and "invalid choice: 'adam'" in out.stderr
+
+
+def _net(path):
+    net = caffe_pb2().NetParameter()
+    text_format.Merge(open(path).read(), net)
+    return net
+
+
+def test_augment_presets_reach_the_train_layer_only(repo, tmp_path):
+    """--augment writes the preset's fields into the TRAIN Data layer (PCA lighting with the basis
+    make_lmdb stored beside the LMDBs), never into TEST; the default writes today's nets."""
+    from tinycaffe import augment
+    lmdb_dir = tmp_path / "lmdb"
+    lmdb_dir.mkdir()
+    basis = {"eigval": [50.0, 10.0, 2.0], "eigvec": [[0.6, 0.7, 0.4], [0.6, 0.0, -0.8], [0.6, -0.7, 0.4]]}
+    (lmdb_dir / "manifest.json").write_text('{"pca_bgr": %s}' % str(basis).replace("'", '"'))
+    for preset in augment.PRESETS:
+        out = run_tool(repo, "--variants", "tiny", "--out", str(tmp_path / preset), "--lmdb-dir", str(lmdb_dir),
+                       "--augment", preset)
+        assert out.returncode == 0, out.stderr
+        text = (tmp_path / preset / "tiny" / "train_val.prototxt").read_text()
+        net = _net(tmp_path / preset / "tiny" / "train_val.prototxt")
+        train, test = net.layer[0].transform_param, net.layer[1].transform_param
+        chosen = augment.PRESETS[preset]
+        assert train.mirror == chosen["mirror"] and not test.mirror
+        assert train.HasField("distort_param") == bool(chosen.get("distort"))
+        assert train.HasField("lighting_param") == bool(chosen.get("lighting"))
+        assert train.HasField("random_resized_crop_param") == bool(chosen.get("resized_crop"))
+        assert not any(test.HasField(f) for f in augment.AUGMENT_FIELDS)
+        if chosen.get("lighting"):
+            assert list(train.lighting_param.eigval) == basis["eigval"]
+            assert [round(v, 6) for v in train.lighting_param.eigvec] == [0.6, 0.7, 0.4, 0.6, 0.0, -0.8, 0.6, -0.7,
+                                                                          0.4]
+            assert "augment %s (PCA basis of %s/manifest.json)" % (preset, lmdb_dir) in text
+        if chosen.get("distort"):
+            assert train.distort_param.hue_delta == 18 and train.distort_param.contrast_upper == 1.5
+        assert ("augment " in text) == (preset != augment.DEFAULT_PRESET)
+    default = run_tool(repo, "--variants", "tiny", "--augment", "flip", cwd=tmp_path)  # --out prototxt, relative
+    assert default.returncode == 0
+    assert (tmp_path / "prototxt" / "tiny" / "train_val.prototxt").read_text() == \
+        open(os.path.join(repo, "prototxt", "tiny", "train_val.prototxt")).read()
+
+
+def test_augment_without_a_basis_uses_imagenets_and_says_so(repo, tmp_path):
+    from tinycaffe import augment
+    out = run_tool(repo, "--variants", "tiny", "--out", str(tmp_path / "p"), "--lmdb-dir", str(tmp_path / "none"),
+                   "--augment", "full")
+    assert out.returncode == 0, out.stderr
+    path = tmp_path / "p" / "tiny" / "train_val.prototxt"
+    assert "ImageNet: no pca_bgr in %s/manifest.json" % (tmp_path / "none") in path.read_text()
+    lighting = _net(path).layer[0].transform_param.lighting_param
+    assert [round(v, 4) for v in lighting.eigval] == augment.IMAGENET_PCA_BGR["eigval"]
+    bad = run_tool(repo, "--augment", "color", "--out", str(tmp_path / "q"))
+    assert bad.returncode == 2 and "invalid choice: 'color'" in bad.stderr and "colour" in bad.stderr

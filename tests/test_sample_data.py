@@ -174,3 +174,35 @@ def test_demo_nets_learn_the_sample_well_above_chance(caffe, tmp_path, monkeypat
     test_net.share_with(solver.net)  # what Caffe's own Solver::Test does before testing
     top1 = sum(float(test_net.forward()["accuracy_top1"]) for _ in range(2)) / 2  # 2 x 100 = all of val
     assert top1 >= 0.3, "%s: val top-1 %.3f after 250 iterations; chance is 0.1" % (variant, top1)
+
+
+def test_random_colour_classes_are_shape_and_texture_only(tmp_path):
+    """--colours random: 40 classes at most (8 shapes x 5 textures), objects of one class in many
+    colours, so colour says nothing about the class; class mode is unchanged."""
+    import random
+    import numpy as np
+    table = sample_data.class_table(40, colours="random")
+    assert len({(c.shape, c.texture) for c in table}) == 40 and {c.colour for c in table} == {"any-colour"}
+    assert table[0].words == "solid any-colour circle"
+    with pytest.raises(ValueError, match=r"--classes must be in 1..40 with --colours random"):
+        sample_data.class_table(41, colours="random")
+    hues = []
+    for seed in range(12):
+        img, box = sample_data.render(table[0], random.Random(seed))
+        x0, y0, x1, y1 = box
+        centre = np.asarray(img, np.float64)[(y0 + y1) // 2 - 1:(y0 + y1) // 2 + 2, (x0 + x1) // 2 - 1:(x0 + x1) // 2 + 2]
+        r, g, b = centre.reshape(-1, 3).mean(0) / 255
+        import colorsys
+        hues.append(colorsys.rgb_to_hsv(r, g, b)[0])
+    assert max(hues) - min(hues) > 0.4  # the same class in very different hues
+    assert sample_data.class_table(10) == sample_data.class_table(10, colours="class")
+
+
+def test_cli_colours_random(repo, tmp_path):
+    out = run_tool(repo, str(tmp_path / "ds"), "--colours", "random", "--classes", "3", "--train", "2", "--val", "1",
+                   "--test", "1", "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert "colours random" in out.stdout
+    assert "any-colour" in (tmp_path / "ds" / "words.txt").read_text()
+    bad = run_tool(repo, str(tmp_path / "ds2"), "--colours", "random", "--classes", "41", "--quiet")
+    assert bad.returncode == 2 and "--classes must be in 1..40 with --colours random" in bad.stderr

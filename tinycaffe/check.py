@@ -18,7 +18,7 @@ import tempfile
 
 from google.protobuf import text_format
 
-from . import data, fit
+from . import augment, data, fit
 from .caffe_env import caffe_pb2
 from .files import PrototxtError, parse_prototxt
 
@@ -268,6 +268,15 @@ def check_fit(path, net, lmdb_dir=None):
     return problems
 
 
+def check_augmentation(path, net):
+    """Problems with the Data layers' augmentation fields (Caffe patch 0010), one line each."""
+    problems = []
+    for layer in net.layer:
+        if layer.type in DATA_LAYER_TYPES and layer.HasField("transform_param"):
+            problems.extend(augment.check_transform(layer.transform_param, "%s (layer '%s')" % (path, layer.name)))
+    return problems
+
+
 def check_files(paths, out=print, lmdb_dir=None):
     """Check every file; print tables and problems; return the list of problems."""
     problems, nets = [], {}
@@ -283,6 +292,7 @@ def check_files(paths, out=print, lmdb_dir=None):
             problems.extend(found)
             continue
         problems.extend(check_fit(path, message, lmdb_dir))
+        problems.extend(check_augmentation(path, message))
         phases = ("TRAIN", "TEST") if is_train_val(message) else ("TEST",)
         notes = []
         for phase in phases:

@@ -266,6 +266,7 @@ def _convert_range(bounds):
     records, size = _JOB["records"], _JOB["size"]
     writer = _writer(_JOB["lmdb_path"], _JOB["map_size"])
     pixel_sum = np.zeros(3 * size * size, np.uint32)
+    products = np.zeros((3, 3), np.float64) if _JOB["products"] else None  # sum of x x^T (exact: integers < 2^53)
     modes, per_class, errors, resized_count, tokens = {}, {}, [], 0, 0
     for i in range(start, stop):
         r = records[i]
@@ -278,7 +279,11 @@ def _convert_range(bounds):
         except BadImage as exc:
             errors.append((i, str(exc)))
             continue
-        pixel_sum += np.frombuffer(chw, np.uint8)
+        pixels = np.frombuffer(chw, np.uint8)
+        pixel_sum += pixels
+        if products is not None:
+            channels = pixels.reshape(3, -1).astype(np.float64)
+            products += channels @ channels.T
         writer.put((KEY_FORMAT % (i, r.name)).encode("ascii"), datum_bytes(chw, size, r.label))
         if mode != "RGB":
             modes[mode] = modes.get(mode, 0) + 1
@@ -286,7 +291,7 @@ def _convert_range(bounds):
         per_class[r.label] = per_class.get(r.label, 0) + 1
     writer.flush()  # the range is committed before it is reported done
     return {"n": stop - start, "errors": errors, "modes": modes, "per_class": per_class, "tokens": tokens,
-            "resized": resized_count, "pixel_sum": pixel_sum.reshape(3, size, size)}
+            "resized": resized_count, "pixel_sum": pixel_sum.reshape(3, size, size), "pixel_products": products}
 
 
 def _merge(total, part):
@@ -294,16 +299,19 @@ def _merge(total, part):
         total[key] = total.get(key, 0) + value
 
 
-def write_split(records, lmdb_path, size, workers, mean_sum=None, skip_bad=False, progress=None, split=""):
+def write_split(records, lmdb_path, size, workers, mean_sum=None, skip_bad=False, progress=None, split="",
+                products=None):
     """Decode records and write them in `workers` processes; returns a SplitResult.
 
     Keys are fixed by the record order (a skipped image leaves a gap, never a
-    reordering). mean_sum, if given, is a float64 CxHxW array the pixels are added to.
+    reordering). mean_sum, if given, is a float64 CxHxW array the pixels are added to;
+    products, if given, a float64 3x3 array the pixels' outer products x x^T are added to.
     """
     result = SplitResult()
     map_size = map_size_for(len(records), size)
     LmdbWriter(lmdb_path, map_size).close()  # create it, so an empty split is a valid LMDB too
-    _JOB.update(records=records, lmdb_path=lmdb_path, map_size=map_size, size=size, split=split)
+    _JOB.update(records=records, lmdb_path=lmdb_path, map_size=map_size, size=size, split=split,
+                products=products is not None)
     ranges = [(s, min(s + CHUNK, len(records))) for s in range(0, len(records), CHUNK)]
     t0 = time.time()
     # fork: the workers inherit _JOB (the record list) instead of receiving it pickled.
@@ -322,6 +330,8 @@ def write_split(records, lmdb_path, size, workers, mean_sum=None, skip_bad=False
             result.token_sum = (result.token_sum + part["tokens"]) % (1 << 64)
             if mean_sum is not None:
                 mean_sum += part["pixel_sum"]
+            if products is not None:
+                products += part["pixel_products"]
             if progress:
                 progress(part["n"])
     finally:
@@ -334,6 +344,24 @@ def write_split(records, lmdb_path, size, workers, mean_sum=None, skip_bad=False
     LmdbWriter(lmdb_path, map_size).close()
     result.seconds = time.time() - t0
     return result
+
+
+def pca_basis(channel_sums, products, pixels):
+    """The train pixels' colour PCA, for PCA lighting (AlexNet section 4.1), from sums over all pixels.
+
+    eigval: the standard deviation along each principal axis (square roots of the 3x3
+    covariance's eigenvalues), largest first, in pixel units; eigvec: the axes as the
+    columns of a 3x3 matrix whose rows are the channels B, G, R (the Datums' order).
+    """
+    mean = np.asarray(channel_sums, np.float64) / pixels
+    covariance = products / pixels - np.outer(mean, mean)
+    values, vectors = np.linalg.eigh(covariance)  # ascending
+    order = np.argsort(values)[::-1]
+    values, vectors = np.clip(values[order], 0, None), vectors[:, order]
+    vectors *= np.where(vectors.sum(0) < 0, -1.0, 1.0)  # a fixed sign: each axis points towards brighter
+    return {"eigval": [round(float(v), 6) for v in np.sqrt(values)],
+            "eigvec": [[round(float(v), 6) for v in row] for row in vectors],
+            "pixels": int(pixels)}
 
 
 def mean_blob_bytes(mean_chw):
@@ -467,9 +495,10 @@ def _convert(records, wnids, words, tmp_dir, workers, seed, skip_bad, size, spli
     token_sums = {}
     for split, recs in records.items():
         mean_sum = np.zeros((3, size, size), np.float64) if split == "train" else None
+        products = np.zeros((3, 3), np.float64) if split == "train" else None
         progress = progress_factory(split, len(recs)) if progress_factory else None
         res = write_split(recs, os.path.join(tmp_dir, split + "_lmdb"), size, workers, mean_sum, skip_bad, progress,
-                          split)
+                          split, products)
         token_sums[split] = (len(recs), res.token_sum)
         manifest["splits"][split] = {
             "count": res.count, "resized": res.resized, "non_rgb_modes": res.modes,
@@ -482,6 +511,7 @@ def _convert(records, wnids, words, tmp_dir, workers, seed, skip_bad, size, spli
             with atomic_open(os.path.join(tmp_dir, "mean.binaryproto"), "wb") as f:
                 f.write(mean_blob_bytes(mean))
             manifest["mean_bgr"] = [round(float(v), 4) for v in mean.reshape(3, -1).mean(1)]
+            manifest["pca_bgr"] = pca_basis(mean_sum.reshape(3, -1).sum(1), products, res.count * size * size)
     manifest["source_fingerprint"] = source_fingerprint(token_sums)
     return manifest
 

@@ -15,6 +15,7 @@ weights transfer. The data layers are added by `train_val()` / `deploy()`.
 """
 from dataclasses import dataclass, field
 
+from . import augment
 from .caffe_env import import_caffe
 
 caffe = import_caffe()
@@ -343,12 +344,15 @@ def _body(n, name, data, num_classes):
     return v.builder(n, data, num_classes=num_classes, **v.kwargs)
 
 
-def train_val(name, train_source, val_source, mean_file, num_classes, batch_size, test_batch_size, crop):
-    """TRAIN: random crop + mirror of the train LMDB; TEST: center crop of val; loss + top-1/top-5."""
+def train_val(name, train_source, val_source, mean_file, num_classes, batch_size, test_batch_size, crop,
+              augmentation=None):
+    """TRAIN: random crop + mirror of the train LMDB, plus `augmentation` (transform_param fields,
+    augment.train_transform's); TEST: center crop of val, nothing else; loss + top-1/top-5."""
     n = caffe.NetSpec()
+    transform = dict(crop_size=crop, mirror=True, mean_file=mean_file)
+    transform.update(augmentation or {})
     n.data, n.label = L.Data(name="data", source=train_source, backend=P.Data.LMDB, batch_size=batch_size,
-                             ntop=2, include=dict(phase=CAFFE_TRAIN),
-                             transform_param=dict(crop_size=crop, mirror=True, mean_file=mean_file))
+                             ntop=2, include=dict(phase=CAFFE_TRAIN), transform_param=transform)
     logits = _body(n, name, n.data, num_classes)
     n.loss = L.SoftmaxWithLoss(logits, n.label, name="loss")
     n.accuracy_top1 = L.Accuracy(logits, n.label, name="accuracy_top1", include=dict(phase=CAFFE_TEST))
@@ -364,6 +368,8 @@ def train_val(name, train_source, val_source, mean_file, num_classes, batch_size
     test_data.data_param.source = val_source
     test_data.data_param.batch_size = test_batch_size
     test_data.transform_param.mirror = False
+    for message_field in augment.AUGMENT_FIELDS:
+        test_data.transform_param.ClearField(message_field)  # Caffe ignores them in TEST; the file says so too
     layers = list(proto.layer)
     del proto.layer[:]
     proto.layer.extend([layers[0], layers[-1]] + layers[1:-1])

@@ -8,6 +8,7 @@ something (the cues are not in fixed pixels) yet gets well above chance in a
 few CPU minutes. Everything is decided by ``seed``: two runs with the same
 arguments write byte-identical files.
 """
+import colorsys
 import math
 import os
 import random
@@ -31,6 +32,10 @@ COLOURS = {  # name -> RGB; far apart in hue so that colour is a usable cue
 }
 TEXTURES = ("solid", "striped", "checkered", "dotted", "shaded")
 # 8 shapes x 5 colours x 5 textures = 200 distinct classes.
+# colours="random": classes are shape x texture only (40), each object in a random colour, so
+# colour carries no class information and colour augmentation should help rather than hurt.
+COLOUR_MODES = ("class", "random")
+RANDOM_COLOUR = "any-colour"
 
 
 @dataclass(frozen=True)
@@ -47,12 +52,17 @@ class SampleClass:
         return "%s %s %s" % (self.texture, self.colour, self.shape)
 
 
-def class_table(num_classes):
-    """Class i: shapes vary fastest, then colours, then textures."""
-    if not 1 <= num_classes <= MAX_CLASSES:
-        raise ValueError("--classes must be in 1..%d, got %d" % (MAX_CLASSES, num_classes))
+def class_table(num_classes, colours="class"):
+    """Class i: shapes vary fastest, then colours (colours="class"), then textures."""
+    if colours not in COLOUR_MODES:
+        raise ValueError("--colours must be one of %s, got '%s'" % (", ".join(COLOUR_MODES), colours))
+    limit = MAX_CLASSES if colours == "class" else len(SHAPES) * len(TEXTURES)
+    if not 1 <= num_classes <= limit:
+        raise ValueError("--classes must be in 1..%d%s, got %d"
+                         % (limit, "" if colours == "class" else " with --colours random (shapes x textures)",
+                            num_classes))
     wnids = resources.reference_wnids()[:num_classes]
-    colours = list(COLOURS)
+    colours = list(COLOURS) if colours == "class" else [RANDOM_COLOUR]
     return [SampleClass(i, wnid, SHAPES[i % len(SHAPES)],
                         colours[(i // len(SHAPES)) % len(colours)],
                         TEXTURES[(i // (len(SHAPES) * len(colours))) % len(TEXTURES)])
@@ -149,6 +159,12 @@ def _clutter(img, rng):
             draw.ellipse([x0 - s, y0 - s, x0 + s, y0 + s], fill=colour)
 
 
+def _random_colour(rng):
+    """Any hue, clearly saturated and lit, so shape and texture stay visible."""
+    r, g, b = colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.5, 1.0), rng.uniform(0.6, 0.95))
+    return (r * 255, g * 255, b * 255)
+
+
 def render(cls, rng):
     """One image of class `cls`: returns (PIL RGB image, box (x0, y0, x1, y1))."""
     r = rng.uniform(9, 20)
@@ -156,7 +172,8 @@ def render(cls, rng):
     angle = rng.uniform(-0.5, 0.5)
     pixels = _background(rng).copy()
     mask = np.asarray(_object_mask(cls.shape, cx, cy, r, angle), np.float32)[..., None] / 255.0
-    pixels = pixels * (1 - mask) + _texture(cls.texture, COLOURS[cls.colour], rng) * mask
+    colour = COLOURS[cls.colour] if cls.colour != RANDOM_COLOUR else _random_colour(rng)
+    pixels = pixels * (1 - mask) + _texture(cls.texture, colour, rng) * mask
     np_rng = np.random.default_rng(rng.getrandbits(32))
     pixels += np_rng.normal(0, rng.uniform(3, 12), pixels.shape)
     img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
@@ -210,7 +227,7 @@ def _words_lines(classes, seed):
     return sorted(lines)
 
 
-def generate(out_dir, classes=10, train=100, val=20, test=20, seed=0, progress=None):
+def generate(out_dir, classes=10, train=100, val=20, test=20, seed=0, progress=None, colours="class"):
     """Write the dataset under out_dir (created; must not already hold one).
 
     Returns a summary dict with counts. `progress`, if given, is called with the
@@ -219,7 +236,7 @@ def generate(out_dir, classes=10, train=100, val=20, test=20, seed=0, progress=N
     for name, value in (("--train", train), ("--val", val), ("--test", test)):
         if value < 0:
             raise ValueError("%s must be >= 0, got %d" % (name, value))
-    table = class_table(classes)
+    table = class_table(classes, colours)
     if os.path.exists(os.path.join(out_dir, "wnids.txt")):
         raise FileExistsError("%s already holds a dataset (wnids.txt exists); choose an empty directory"
                               % out_dir)
@@ -265,4 +282,4 @@ def generate(out_dir, classes=10, train=100, val=20, test=20, seed=0, progress=N
     # wnids.txt last: its presence marks a complete dataset.
     _write_lines(os.path.join(out_dir, "wnids.txt"), [c.wnid for c in order])
     return {"classes": classes, "train": classes * train, "val": classes * val,
-            "test": classes * test, "grayscale": grayscale, "seed": seed}
+            "test": classes * test, "grayscale": grayscale, "seed": seed, "colours": colours}

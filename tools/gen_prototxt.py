@@ -7,7 +7,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tinycaffe import gen, nets, solver  # noqa: E402
+from tinycaffe import augment, gen, nets, solver  # noqa: E402
 from tinycaffe.caffe_env import CaffeNotFound  # noqa: E402
 
 
@@ -44,6 +44,11 @@ def build_parser():
     p.add_argument("--labels", default=None, help="labels.txt to take the class count from (default: none)")
     p.add_argument("--val-size", type=int, default=gen.DEFAULT_VAL_SIZE,
                    help="val images, so that test_iter covers val exactly once (default %d)" % gen.DEFAULT_VAL_SIZE)
+    p.add_argument("--augment", default=augment.DEFAULT_PRESET, choices=list(augment.PRESETS),
+                   help="TRAIN augmentation: none (random crop), flip (+ mirror), colour (+ SSD's brightness/"
+                        "contrast/saturation/hue distortion), scale (+ random-resized crop), full (all of them "
+                        "+ PCA lighting on the LMDBs' own colour basis); values in tinycaffe/augment.py "
+                        "(default %s)" % augment.DEFAULT_PRESET)
     p.add_argument("--seed", type=int, default=solver.RANDOM_SEED,
                    help="solver random_seed (default %d)" % solver.RANDOM_SEED)
     return p
@@ -86,7 +91,8 @@ def main(argv=None):
                             batch_size=args.batch_size,
                             schedule=args.schedule, solver=args.solver, mode=args.mode, max_iter=args.max_iter,
                             test_interval=args.test_interval,
-                            num_classes=_num_classes(args), val_size=args.val_size, seed=args.seed)
+                            num_classes=_num_classes(args), val_size=args.val_size, seed=args.seed,
+                            augment=args.augment)
         written = gen.generate(names, cfg)
     except (ValueError, KeyError, OSError, CaffeNotFound) as exc:
         return _fail(str(exc).strip("'\""))

@@ -27,6 +27,10 @@ def build_parser():
     p.add_argument("--val", type=int, default=DEFAULT_VAL, help="val images per class (default %d)" % DEFAULT_VAL)
     p.add_argument("--test", type=int, default=DEFAULT_TEST, help="test images per class (default %d)" % DEFAULT_TEST)
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="random seed (default %d)" % DEFAULT_SEED)
+    p.add_argument("--colours", default="class", choices=sample_data.COLOUR_MODES,
+                   help="class: each class has its own colour (8 shapes x 5 colours x 5 textures); random: "
+                        "classes are shape x texture only (up to 40), every object a random colour, for "
+                        "measuring colour augmentation (default class)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (default: show it)")
     return p
 
@@ -37,13 +41,13 @@ def main(argv=None):
     try:
         with tqdm(total=max(total, 0), unit="img", disable=args.quiet, desc="sample data") as bar:
             summary = sample_data.generate(args.out_dir, args.classes, args.train, args.val, args.test,
-                                           args.seed, progress=bar.update)
+                                           args.seed, progress=bar.update, colours=args.colours)
     except (ValueError, OSError) as exc:
         print("make_sample_data.py: error: %s" % exc, file=sys.stderr)
         return 2
-    print("wrote %s: %d classes, %d train / %d val / %d test images (%d grayscale), seed %d"
+    print("wrote %s: %d classes, %d train / %d val / %d test images (%d grayscale), seed %d, colours %s"
           % (args.out_dir, summary["classes"], summary["train"], summary["val"], summary["test"],
-             summary["grayscale"], summary["seed"]))
+             summary["grayscale"], summary["seed"], summary["colours"]))
     return 0
 
 

@@ -1,0 +1,324 @@
+"""Caffe patch 0010: colour and scale augmentation in the real Data layer, checked on Datums
+of known content (the math, not just that it runs), plus the presets of tinycaffe/augment.py."""
+import colorsys
+
+import lmdb
+import numpy as np
+import pytest
+from google.protobuf import json_format, text_format
+
+from tinycaffe import augment, caffe_env
+
+BATCH = 16
+
+
+def write_lmdb(path, images):
+    """images: uint8 arrays CxHxW (BGR) -> an LMDB of raw Datums, labels 0, 1, 2, ..."""
+    pb2 = caffe_env.caffe_pb2()
+    env = lmdb.open(str(path), map_size=1 << 26)
+    with env.begin(write=True) as txn:
+        for i, chw in enumerate(images):
+            c, h, w = chw.shape
+            datum = pb2.Datum(channels=c, height=h, width=w, data=np.ascontiguousarray(chw, np.uint8).tobytes(),
+                              label=i, encoded=False)
+            txn.put(b"%08d" % i, datum.SerializeToString())
+    env.close()
+    return str(path)
+
+
+def batches(caffe, tmp_path, source, transform, count=1, phase="TRAIN", seed=1, batch=BATCH):
+    """`count` batches of the real Data layer reading `source` with `transform` (a dict of
+    transform_param fields), in `phase`, with Caffe's random seed `seed`."""
+    pb2 = caffe_env.caffe_pb2()
+    net = pb2.NetParameter(name="augment")
+    layer = net.layer.add(name="data", type="Data", top=["data", "label"])
+    layer.data_param.source = source
+    layer.data_param.backend = pb2.DataParameter.LMDB
+    layer.data_param.batch_size = batch
+    json_format.ParseDict(transform, layer.transform_param)
+    path = tmp_path / ("net_%d.prototxt" % len(list(tmp_path.glob("net_*.prototxt"))))
+    path.write_text(text_format.MessageToString(net))
+    caffe.set_random_seed(seed)
+    model = caffe.Net(str(path), getattr(caffe, phase))
+    out = []
+    for _ in range(count):
+        model.forward()
+        out.append(model.blobs["data"].data.copy())
+    return np.concatenate(out)
+
+
+def random_images(n, size=8, seed=0, low=0, high=256):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(low, high, (3, size, size), dtype=np.uint8) for _ in range(n)]
+
+
+@pytest.fixture
+def noise_lmdb(tmp_path):
+    return write_lmdb(tmp_path / "noise_lmdb", random_images(BATCH))
+
+
+def only(**fields):
+    """A distort_param with these fields and every other probability 0."""
+    return {"distort_param": fields}
+
+
+ALL_OFF = {"distort_param": dict(brightness_prob=0, brightness_delta=32, contrast_prob=0, contrast_lower=0.5,
+                                 contrast_upper=1.5, saturation_prob=0, saturation_lower=0.5, saturation_upper=1.5,
+                                 hue_prob=0, hue_delta=18, random_order_prob=0),
+           "lighting_param": dict(alphastd=0, eigval=[50, 5, 1], eigvec=[1, 0, 0, 0, 1, 0, 0, 0, 1])}
+
+
+def test_absent_or_zero_probabilities_are_bit_exact_with_the_plain_transform(caffe, tmp_path, noise_lmdb):
+    plain = dict(crop_size=6, mirror=True, mean_value=[100, 110, 120], scale=0.5)
+    base = batches(caffe, tmp_path, noise_lmdb, plain, count=3)
+    off = batches(caffe, tmp_path, noise_lmdb, dict(plain, **ALL_OFF), count=3)
+    assert off.dtype == base.dtype and np.array_equal(off, base)  # same values and same random crops/mirrors
+    assert not np.array_equal(base[:BATCH], base[BATCH:2 * BATCH])  # the crops/mirrors really are random
+
+
+def test_contrast_two_doubles_every_value_clamped(caffe, tmp_path):
+    images = random_images(BATCH)
+    source = write_lmdb(tmp_path / "lmdb", images)
+    out = batches(caffe, tmp_path, source, only(contrast_prob=1, contrast_lower=2, contrast_upper=2))
+    expected = np.minimum(2.0 * np.stack(images).astype(np.float32), 255)
+    assert np.array_equal(out, expected)
+
+
+def test_brightness_adds_one_delta_per_image_within_the_range(caffe, tmp_path):
+    images = random_images(BATCH)
+    source = write_lmdb(tmp_path / "lmdb", images)
+    out = batches(caffe, tmp_path, source, only(brightness_prob=1, brightness_delta=40))
+    deltas = []
+    for got, img in zip(out, images):
+        img = img.astype(np.float32)
+        shift = got - img
+        inside = (got > 0) & (got < 255)
+        delta = float(np.median(shift[inside]))
+        assert abs(delta) <= 40
+        assert np.allclose(shift[inside], delta, atol=1e-4)  # one common delta for the image
+        assert np.array_equal(got, np.clip(img + delta, 0, 255)) or np.allclose(got, np.clip(img + delta, 0, 255),
+                                                                                atol=1e-4)
+        deltas.append(delta)
+    assert len(set(np.round(deltas, 3))) > BATCH // 2  # drawn per image
+    assert max(np.abs(deltas)) > 0.7 * 40  # from the whole range, not a narrower one
+
+
+def test_saturation_zero_gives_grey_pixels_of_the_same_value(caffe, tmp_path):
+    images = random_images(BATCH)
+    source = write_lmdb(tmp_path / "lmdb", images)
+    out = batches(caffe, tmp_path, source, only(saturation_prob=1, saturation_lower=0, saturation_upper=0))
+    assert np.array_equal(out[:, 0], out[:, 1]) and np.array_equal(out[:, 1], out[:, 2])
+    assert np.allclose(out[:, 0], np.stack(images).max(axis=1), atol=1e-3)  # V = max(B, G, R) is kept
+
+
+def test_hue_delta_zero_is_the_identity(caffe, tmp_path):
+    images = random_images(BATCH)
+    source = write_lmdb(tmp_path / "lmdb", images)
+    out = batches(caffe, tmp_path, source, only(hue_prob=1, hue_delta=0, saturation_prob=1, saturation_lower=1,
+                                                saturation_upper=1))
+    assert np.array_equal(out, np.stack(images).astype(np.float32))  # nothing to do: skipped, exact
+    # One float step above 1: the HSV round trip itself runs, and gives the pixels back.
+    nudged = only(hue_prob=1, hue_delta=0, saturation_prob=1, saturation_lower=1.0000001, saturation_upper=1.0000001)
+    out = batches(caffe, tmp_path, source, nudged)
+    assert not np.array_equal(out, np.stack(images).astype(np.float32))
+    assert np.allclose(out, np.stack(images), atol=2e-3)
+
+
+def _hsv(bgr):
+    b, g, r = (float(v) / 255 for v in bgr)
+    return colorsys.rgb_to_hsv(r, g, b)
+
+
+def test_hue_rotates_every_colour_by_one_angle_on_opencvs_scale(caffe, tmp_path):
+    """OpenCV's 8-bit hue runs 0..180: a shift of d units is 2d degrees, so 60 turns red into green.
+    SSD draws d uniformly from [-hue_delta, hue_delta]; each image must show one common rotation,
+    and red, green and blue pixels must land exactly where HSV puts them."""
+    side = 6
+    palette = [(0, 0, 255), (0, 255, 0), (255, 0, 0), (40, 200, 90), (200, 60, 30), (120, 30, 220)]
+    image = np.zeros((3, side, side), np.uint8)
+    for i in range(side * side):
+        image[:, i // side, i % side] = palette[i % len(palette)]
+    source = write_lmdb(tmp_path / "lmdb", [image] * BATCH)
+    out = batches(caffe, tmp_path, source, only(hue_prob=1, hue_delta=60), count=2)
+    shifts = []
+    for got in out:
+        red_hue = _hsv(got[:, 0, 0])[0] * 360  # pixel 0 is pure red (BGR 0, 0, 255)
+        for i in range(side * side):
+            src, dst = _hsv(image[:, i // side, i % side]), _hsv(got[:, i // side, i % side])
+            turn = (dst[0] - src[0]) * 360 % 360
+            assert min(abs(turn - red_hue % 360), 360 - abs(turn - red_hue % 360)) < 0.05
+            assert dst[1] == pytest.approx(src[1], abs=1e-4) and dst[2] == pytest.approx(src[2], abs=1e-4)
+        d = ((red_hue + 180) % 360 - 180) / 2  # back to OpenCV units in [-90, 90)
+        assert abs(d) <= 60 + 1e-3
+        r, g, b = colorsys.hsv_to_rgb((2 * d / 360) % 1, 1, 1)
+        assert np.allclose(got[:, 0, 0], [b * 255, g * 255, r * 255], atol=1e-2)
+        shifts.append(d)
+    assert max(shifts) - min(shifts) > 30  # drawn per image, spread over the range
+    # 1 unit = 2 degrees: the turns reach beyond +-80 degrees (with 1 unit = 1 degree, d would
+    # stay within +-30 here; with 4 degrees, beyond 60 and fail above).
+    assert max(np.abs(shifts)) > 40
+
+
+def test_pca_lighting_adds_eigvec_times_alpha_eigval_per_image(caffe, tmp_path, noise_lmdb):
+    images = np.stack(random_images(BATCH)).astype(np.float32)
+    lighting = {"lighting_param": dict(alphastd=1, eigval=[10, 0, 0], eigvec=[1, 0, 0, 0, 1, 0, 0, 0, 1])}
+    out = batches(caffe, tmp_path, noise_lmdb, lighting, count=4)
+    shifts = out - np.concatenate([images] * 4)
+    assert np.array_equal(shifts[:, 1:], np.zeros_like(shifts[:, 1:]))  # axes 2, 3 have eigval 0
+    per_image = shifts[:, 0].reshape(len(out), -1)
+    assert np.allclose(per_image, per_image[:, :1], atol=1e-4)  # one offset per image, not clamped
+    assert 5 < per_image[:, 0].std() < 20  # alpha ~ N(0, 1) times eigval 10
+    # The axes are eigvec's columns (rows are channels B, G, R): axis 1 = (1, 2, 3).
+    columns = {"lighting_param": dict(alphastd=1, eigval=[10, 0, 0], eigvec=[1, 0, 0, 2, 0, 0, 3, 0, 0])}
+    shifts = batches(caffe, tmp_path, noise_lmdb, columns)[:, :, 0, 0] - images[:, :, 0, 0]
+    assert np.allclose(shifts[:, 1], 2 * shifts[:, 0], atol=1e-3) and np.allclose(shifts[:, 2], 3 * shifts[:, 0],
+                                                                                 atol=1e-3)
+    assert np.abs(shifts[:, 0]).max() > 1
+    zero = {"lighting_param": dict(alphastd=0, eigval=[10, 0, 0], eigvec=[1, 0, 0, 0, 1, 0, 0, 0, 1])}
+    assert np.array_equal(batches(caffe, tmp_path, noise_lmdb, zero), images)
+
+
+def test_random_resized_crop_of_area_and_aspect_one_equals_the_crop_path(caffe, tmp_path, noise_lmdb):
+    whole = {"random_resized_crop_param": dict(min_area=1, max_area=1, min_aspect=1, max_aspect=1)}
+    for crop in ({}, {"crop_size": 8}):  # the Datums are 8x8: no crop, or a crop of the whole image
+        plain = batches(caffe, tmp_path, noise_lmdb, dict(crop, mean_value=[3]), count=2)
+        resized = batches(caffe, tmp_path, noise_lmdb, dict(crop, mean_value=[3], **whole), count=2)
+        assert np.array_equal(resized, plain)
+
+
+def test_random_resized_crop_resamples_bilinearly(caffe, tmp_path):
+    """A horizontal ramp 4x + 10 stays a ramp: a quarter-area square of a 16x16 image blown up to
+    16x16 has slope 2 between pixel centres (clamped at the rectangle's edges), rows all equal."""
+    ramp = np.broadcast_to((4 * np.arange(16) + 10).astype(np.uint8), (3, 16, 16)).copy()
+    source = write_lmdb(tmp_path / "lmdb", [ramp] * BATCH)
+    quarter = {"random_resized_crop_param": dict(min_area=0.25, max_area=0.25, min_aspect=1, max_aspect=1)}
+    out = batches(caffe, tmp_path, source, quarter)
+    assert np.array_equal(out, np.broadcast_to(out[:, :, :1, :], out.shape))  # rows equal
+    steps = np.diff(out[:, 0, 0, :], axis=1)
+    assert np.allclose(steps[:, 1:-1], 2.0, atol=1e-4)  # interior: half a source pixel per output pixel
+    assert np.allclose(steps[:, [0, -1]], 1.0, atol=1e-4)  # first/last quarter pixel clamped to the edge
+    lefts = (out[:, 0, 0, 0] - 10) / 4  # the rectangle's left column, random per image
+    assert np.allclose(lefts, np.round(lefts)) and lefts.min() >= 0 and lefts.max() <= 8
+    assert len(set(lefts.tolist())) > 1
+
+
+def test_random_resized_crop_resamples_the_mean_file_with_the_image(caffe, tmp_path):
+    """Image = mean: whatever rectangle, mirror and resampling, the result is exactly 0."""
+    from tinycaffe import data
+    images = random_images(BATCH, size=16)
+    source = write_lmdb(tmp_path / "lmdb", [images[0]] * BATCH)
+    mean = tmp_path / "mean.binaryproto"
+    mean.write_bytes(data.mean_blob_bytes(images[0].astype(np.float64)))
+    crop = {"crop_size": 12, "mirror": True, "mean_file": str(mean),
+            "random_resized_crop_param": dict(min_area=0.2, max_area=0.9)}
+    out = batches(caffe, tmp_path, source, crop)
+    assert out.shape == (BATCH, 3, 12, 12) and np.abs(out).max() < 1e-4
+
+
+def test_random_resized_crop_falls_back_to_the_centred_rectangle(caffe, tmp_path):
+    """Aspect 2 cannot fit at area 1 of a square: after the attempts, torchvision's fallback, the
+    centred full-width band of height 8 / 2 = 4 (rows 2..5), the same for every image."""
+    rows = np.broadcast_to((10 * np.arange(8) + 5).astype(np.uint8)[:, None], (3, 8, 8)).copy()
+    source = write_lmdb(tmp_path / "lmdb", [rows] * BATCH)
+    band = {"random_resized_crop_param": dict(min_area=1, max_area=1, min_aspect=2, max_aspect=2)}
+    out = batches(caffe, tmp_path, source, band)
+    assert np.array_equal(out, np.broadcast_to(out[:1], out.shape))
+    column = out[0, 0, :, 0]
+    assert column[0] == 25 and column[-1] == 55  # rows 2 and 5 of the image (clamped edges)
+    assert np.allclose(np.diff(column)[1:-1], 5.0)  # 4 rows stretched to 8: half a row per pixel
+
+
+def test_inactive_distortion_leaves_grey_datums_alone(caffe, tmp_path):
+    """distort_param with every probability 0 cannot change a pixel, so it must not demand 3
+    channels either (one-channel Datums beside a resized crop)."""
+    grey = [np.full((1, 8, 8), 7 * i, np.uint8) for i in range(BATCH)]
+    source = write_lmdb(tmp_path / "lmdb", grey)
+    transform = {"distort_param": dict(brightness_prob=0), "random_resized_crop_param": dict(min_area=0.5)}
+    out = batches(caffe, tmp_path, source, transform)
+    assert out.shape == (BATCH, 1, 8, 8)
+    assert np.array_equal(out[:, 0, 0, 0], 7.0 * np.arange(BATCH))
+
+
+def test_test_phase_is_untouched(caffe, tmp_path, noise_lmdb):
+    plain = dict(crop_size=6, mirror=True, mean_value=[100, 110, 120])  # Caffe mirrors in TEST too, if asked
+    everything = dict(plain, **augment.train_transform("full"))
+    everything["distort_param"].update(brightness_prob=1, contrast_prob=1, hue_prob=1, saturation_prob=1,
+                                       random_order_prob=1)
+    assert np.array_equal(batches(caffe, tmp_path, noise_lmdb, everything, phase="TEST", count=2),
+                          batches(caffe, tmp_path, noise_lmdb, plain, phase="TEST", count=2))
+    assert not np.array_equal(batches(caffe, tmp_path, noise_lmdb, everything, count=2),
+                              batches(caffe, tmp_path, noise_lmdb, plain, count=2))
+
+
+def test_same_random_seed_same_batches(caffe, tmp_path, noise_lmdb):
+    full = dict(crop_size=6, mean_value=[100, 110, 120], **augment.train_transform("full"))
+    first = batches(caffe, tmp_path, noise_lmdb, full, count=3, seed=5)
+    again = batches(caffe, tmp_path, noise_lmdb, full, count=3, seed=5)
+    other = batches(caffe, tmp_path, noise_lmdb, full, count=3, seed=6)
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_random_channel_order_permutes_planes(caffe, tmp_path):
+    image = np.stack([np.full((4, 4), v, np.uint8) for v in (10, 20, 30)])
+    source = write_lmdb(tmp_path / "lmdb", [image] * BATCH)
+    out = batches(caffe, tmp_path, source, only(random_order_prob=1), count=2)
+    orders = {tuple(int(v) for v in got[:, 0, 0]) for got in out}
+    assert all(sorted(o) == [10, 20, 30] for o in orders) and len(orders) > 2
+
+
+# ---------------------------------------------------------------- presets and checks
+def test_presets_build_the_documented_fields():
+    assert augment.train_transform("none") == {"mirror": False}
+    assert augment.train_transform("flip") == {"mirror": True}
+    full = augment.train_transform("full", {"eigval": [3, 2, 1], "eigvec": [[1, 0, 0], [0, 1, 0], [0, 0, 1]]})
+    assert full["distort_param"] == augment.SSD_DISTORT
+    assert full["lighting_param"] == dict(alphastd=0.1, eigval=[3, 2, 1], eigvec=[1, 0, 0, 0, 1, 0, 0, 0, 1])
+    assert full["random_resized_crop_param"] == augment.RESIZED_CROP
+    assert augment.train_transform("colour") == {"mirror": True, "distort_param": augment.SSD_DISTORT}
+    assert "distort_param" not in augment.train_transform("scale")
+    with pytest.raises(ValueError, match="valid: none, flip, colour, scale, full"):
+        augment.preset("color")
+
+
+def test_imagenet_fallback_basis_is_fb_resnets_in_bgr_pixel_units():
+    basis = augment.IMAGENET_PCA_BGR
+    vectors = np.array(basis["eigvec"])
+    assert np.allclose(vectors.T @ vectors, np.eye(3), atol=2e-3)  # orthonormal axes, as published
+    assert basis["eigval"][0] == pytest.approx(0.2175 * 255)
+    assert vectors[2].tolist() == [-0.5675, 0.7192, 0.4009]  # row R is fb.resnet.torch's first row
+
+
+@pytest.mark.parametrize("text, message", [
+    ("distort_param { hue_prob: 1.5 hue_delta: 10 }", "distort_param.hue_prob is 1.5, expected a probability"),
+    ("distort_param { hue_prob: 1 hue_delta: 200 }", "distort_param.hue_delta is 200, expected 0..180"),
+    ("distort_param { contrast_prob: 0.5 contrast_lower: 1.5 contrast_upper: 0.5 }",
+     "contrast_lower/contrast_upper are 1.5/0.5"),
+    ("lighting_param { alphastd: 0.1 eigval: 1 eigval: 2 }", "has 2 eigval and 0 eigvec values, expected 3 and 9"),
+    ("random_resized_crop_param { min_area: 0 }", "area is 0..1, expected 0 < min_area"),
+    ("random_resized_crop_param { min_aspect: 2 max_aspect: 1 }", "aspect is 2..1"),
+    ("distort_param { hue_prob: 1 hue_delta: nan }", "distort_param.hue_delta is nan, expected 0..180"),
+    ("distort_param { brightness_prob: nan }", "distort_param.brightness_prob is nan, expected a probability"),
+    ("lighting_param { alphastd: nan }", "lighting_param.alphastd is nan, expected >= 0"),
+    ("lighting_param { alphastd: 0.1 eigval: [1, 2, nan] eigvec: [1, 0, 0, 0, 1, 0, 0, 0, 1] }",
+     "negative or non-finite value"),
+])
+def test_check_transform_names_the_field(text, message):
+    tp = text_format.Parse(text, caffe_env.caffe_pb2().TransformationParameter())
+    problems = augment.check_transform(tp, "net.prototxt (layer 'data')")
+    assert len(problems) == 1 and message in problems[0] and problems[0].startswith("net.prototxt (layer 'data')")
+    assert "\n" not in problems[0]
+
+
+@pytest.mark.parametrize("basis, message", [
+    ({"eigval": [1, 2, 3], "eigvec": [1, 0, 0, 0, 1, 0, 0, 0, 1]}, "pca_bgr.eigvec must be a 3x3 list"),
+    ({"eigval": [1, 2, 3]}, "pca_bgr.eigvec must be a 3x3 list"),
+    ({"eigval": [1, -2, 3], "eigvec": [[1, 0, 0], [0, 1, 0], [0, 0, 1]]}, "pca_bgr.eigval must be 3 finite numbers"),
+])
+def test_a_malformed_manifest_basis_is_named(tmp_path, basis, message):
+    import json
+    (tmp_path / "manifest.json").write_text(json.dumps({"pca_bgr": basis}))
+    with pytest.raises(ValueError, match=message) as caught:
+        augment.read_basis(str(tmp_path))
+    assert str(tmp_path / "manifest.json") in str(caught.value) and "\n" not in str(caught.value)
+    assert augment.read_basis(str(tmp_path / "elsewhere")) is None  # no manifest: ImageNet's basis is used
