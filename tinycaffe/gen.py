@@ -91,7 +91,7 @@ def generate(names, cfg):
         dp = nets.deploy(name, cfg.num_classes, cfg.crop)
         sv = solvers.make_solver(tv_path, "runs/%s/%s" % (name, name), cfg.val_size, cfg.schedule, cfg.solver,
                                  cfg.mode, cfg.max_iter, cfg.seed, cfg.test_interval, nets.variant(name).solver_family,
-                                 batch)
+                                 batch, nets.variant(name).lr_scale)
         for kind, message in (("train_val", tv), ("deploy", dp), ("solver", sv)):
             path = os.path.join(folder, kind + ".prototxt")
             write_text(path, _header(kind, name, cfg, batch, basis_note) + text_format.MessageToString(message))

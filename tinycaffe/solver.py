@@ -33,10 +33,10 @@ def test_batch_for(val_count, limit=MAX_TEST_BATCH):
 
 
 def make_solver(net_path, snapshot_prefix, val_count, schedule="fast", solver_type="sgd", mode="gpu",
-                max_iter=None, seed=RANDOM_SEED, test_interval=None, family="paper", batch=BN_BATCH):
+                max_iter=None, seed=RANDOM_SEED, test_interval=None, family="paper", batch=BN_BATCH, lr_scale=1.0):
     """A SolverParameter for train_val at net_path. test_iter = val_count / test batch.
     family "paper": the paper's step schedule from 0.01; "bn": multistep from 0.1 x batch/128,
-    /10 at 50% and 75% of max_iter (the schedule's length)."""
+    /10 at 50% and 75% of max_iter (the schedule's length). lr_scale multiplies the base LR."""
     if family not in FAMILIES:
         raise ValueError("unknown solver family '%s' (valid: %s)" % (family, ", ".join(FAMILIES)))
     if schedule not in SCHEDULES:
@@ -63,6 +63,7 @@ def make_solver(net_path, snapshot_prefix, val_count, schedule="fast", solver_ty
         s.lr_policy = "multistep"
         s.ClearField("stepsize")
         s.stepvalue.extend(sorted({max(1, int(s.max_iter * f)) for f in BN_STEPS}))  # increasing, as Caffe wants
+    s.base_lr *= lr_scale
     if solver_type != "adagrad":
         s.momentum = MOMENTUM
     s.weight_decay = WEIGHT_DECAY
