@@ -62,3 +62,26 @@ def write_dummy_solver(folder, max_iter):
     path = folder / "solver.prototxt"
     path.write_text(text_format.MessageToString(solver))
     return path
+
+
+def read_scalars(log_dir):
+    """{tag: {step: value}} of every TensorBoard event file in log_dir (resumed runs add files).
+
+    Reads the TFRecord framing (length, CRC, Event, CRC) with tensorboardX's own Event message;
+    the writer under test is tensorboardX's SummaryWriter."""
+    import glob
+    import struct
+
+    from tensorboardX.proto import event_pb2
+    scalars = {}
+    for path in sorted(glob.glob(os.path.join(str(log_dir), "events.out.tfevents.*"))):
+        with open(path, "rb") as f:
+            blob = f.read()
+        at = 0
+        while at < len(blob):
+            (length,) = struct.unpack("<Q", blob[at:at + 8])
+            event = event_pb2.Event.FromString(blob[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars

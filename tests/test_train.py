@@ -15,7 +15,7 @@ import pytest
 from google.protobuf import text_format
 from PIL import Image
 
-from tinycaffe import data, gen, runs, sample_data, train
+from tinycaffe import caffelog, data, gen, runs, sample_data, train
 from tinycaffe.caffe_env import caffe_pb2
 
 
@@ -81,6 +81,32 @@ def test_train_sh_cpu_run_dir_and_accuracy(repo, lmdb_dir, tmp_path):
     assert "Optimization Done" in open(os.path.join(run_dir, "caffe.log")).read()
     report = run(repo, [sys.executable, "tools/report.py", str(tmp_path / "runs")])
     assert report.returncode == 0 and "| `tiny` | finished | 300 |" in report.stdout
+    assert_live_curves_equal_the_log(run_dir, batch=used_batch(run_dir))
+
+
+def used_batch(run_dir):
+    net = caffe_pb2().NetParameter()
+    text_format.Merge(open(os.path.join(run_dir, "train_val.prototxt")).read(), net)
+    return net.layer[0].data_param.batch_size
+
+
+def assert_live_curves_equal_the_log(run_dir, batch):
+    """The TensorBoard scalars the run wrote as it went = the numbers of its log (train.csv and
+    test.csv are parsed from the same lines), with images/s = Caffe's iter/s x batch."""
+    import math
+
+    from conftest import read_scalars
+    scalars = read_scalars(run_dir)
+    train, test = caffelog.parse(os.path.join(run_dir, "caffe.log"))
+    assert train and test
+    assert scalars["train/loss"] == pytest.approx({r["NumIters"]: r["loss"] for r in train}, rel=1e-6)
+    for key in ("accuracy_top1", "accuracy_top5", "loss"):
+        assert scalars["val/" + key] == pytest.approx({r["NumIters"]: r[key] for r in test}, rel=1e-6)
+    lrs = {r["NumIters"]: r["LearningRate"] for r in train if not math.isnan(r["LearningRate"])}
+    assert lrs and scalars["lr"] == pytest.approx(lrs, rel=1e-6)
+    rates = {int(m.group(1)): float(m.group(2)) * batch for m in
+             re.finditer(r"Iteration (\d+) \(([\d.e+-]+) iter/s", open(os.path.join(run_dir, "caffe.log")).read())}
+    assert rates and scalars["images_per_second"] == pytest.approx(rates, rel=1e-6)
 
 
 def kill_after_snapshot(repo, command, runs_root, iteration, env=None):
@@ -140,6 +166,7 @@ def test_plateau_anneals_in_log_and_run_json(repo, lmdb_dir, tmp_path):
     lrs = {int(r["NumIters"]): float(r["LearningRate"]) for r in csv.DictReader(open(os.path.join(run_dir, "train.csv")))}
     # Rows every `display` (20) iterations: the anneal at the test of 40 shows from iteration 40 on.
     assert lrs == {0: pytest.approx(0.01), 20: pytest.approx(0.01), 40: pytest.approx(0.001)}
+    assert_live_curves_equal_the_log(run_dir, batch=used_batch(run_dir))  # the pycaffe engine's lines too
     # The caffe binary would forget the annealed LR: resuming this run through it is refused.
     out = run(repo, ["bash", "scripts/train.sh", solver, "--resume", "--run-dir", run_dir])
     assert out.returncode == 1 and "resume it with tools/train.py --resume" in out.stderr

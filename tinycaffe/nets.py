@@ -292,9 +292,9 @@ class Variant:
     lr_scale: float = 1.0  # multiplies the family's base LR (which already follows the batch size)
 
 
-# resnet_tiny trains at 4x the BN recipe's LR (0.1 at batch 32 instead of 0.025): this narrow
-# net takes it, and in tiny's CPU budget on the sample data (bench_learn.py, 3 seeds) it reached
-# 60.2% val top-1 at 1x, 68.3% at 2x and 76.5% at 4x, against tiny's 61.5%.
+# resnet_tiny trains at 4x the BN recipe's LR (0.1 at batch 32 instead of 0.025): in tiny's CPU
+# budget on the quickstart's sample (bench_learn.py, 3 seeds) it reached 60.2% val top-1 at 1x and
+# 76.5% at 4x, against tiny's 61.5% (README, "resnet_tiny").
 RESNET_TINY_LR_SCALE = 4.0
 
 

@@ -234,6 +234,14 @@ def set_device(run_dir, used, gpu):
         write_text(path, header + "# solver_mode changed on resume\n" + text_format.MessageToString(used))
 
 
+def images_per_iteration(used, gpu, base=REPO_ROOT):
+    """Images one solver iteration consumes: the TRAIN Data layer's batch x iter_size x solvers."""
+    net = read_message(fit.absolute(used.net, base), caffe_pb2().NetParameter())
+    batches = [layer.data_param.batch_size for layer in net.layer
+               if layer.type in DATA_LAYER_TYPES and _in_train_phase(layer) and layer.data_param.batch_size]
+    return (batches[0] if batches else 0) * max(used.iter_size, 1) * solver_count(gpu)
+
+
 def _in_train_phase(layer):
     phases = [rule.phase for rule in layer.include if rule.HasField("phase")]
     return not phases or caffe_pb2().TRAIN in phases

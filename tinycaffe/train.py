@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from . import REPO_ROOT, caffelog, caffe_env, devices, repo_path, runs
+from . import REPO_ROOT, caffelog, caffe_env, devices, live, repo_path, runs
 from .caffe_env import caffe_pb2
 from .files import write_text
 
@@ -80,9 +80,13 @@ def launch(args, argv):
         runs.save_record(run_dir, record)
         print("[train] run dir %s (%s, %s)" % (run_dir, args.engine, "gpu " + gpu if gpu else "cpu"),
               file=sys.stderr)
-        status, returncode, losses = _tee(command, log_path, record, run_dir, stops)
-        if status == "finished" and args.engine == "binary" and not stops.received:
-            status, returncode = _final_test(run_dir, used, gpu, log_path, stops)
+        curves = live.LiveCurves(run_dir, runs.images_per_iteration(used, gpu))
+        try:
+            status, returncode, losses = _tee(command, log_path, record, run_dir, stops, curves)
+            if status == "finished" and args.engine == "binary" and not stops.received:
+                status, returncode = _final_test(run_dir, used, gpu, log_path, stops, curves)
+        finally:
+            curves.close()
         return _finish(run_dir, record, status, returncode, losses)
 
 
@@ -123,7 +127,7 @@ def _worker_command(run_dir, gpu, state, weights, record):
     return cmd
 
 
-def _final_test(run_dir, used, gpu, log_path, stops):
+def _final_test(run_dir, used, gpu, log_path, stops, curves=None):
     """Caffe's binary tests only at multiples of test_interval: when max_iter is not one, test
     the final snapshot once more (the pycaffe worker, --test-only), so that every finished run
     ends with a val number at its last iteration. -> (status, returncode)."""
@@ -135,7 +139,7 @@ def _final_test(run_dir, used, gpu, log_path, stops):
     command = [sys.executable, "-m", "tinycaffe.train", "--worker", run_dir, "--test-only", "--state", state]
     if gpu:  # one GPU is enough to test
         command += ["--gpu", "0" if gpu == "all" else gpu.split(",")[0]]
-    status, returncode, _ = _tee(command, log_path, None, run_dir, stops)
+    status, returncode, _ = _tee(command, log_path, None, run_dir, stops, curves)
     return status, returncode
 
 
@@ -196,9 +200,9 @@ class Losses:
         self.first_bad = self.last_good = None
 
 
-def _tee(command, log_path, record, run_dir, stops):
-    """Run the child, copy its log to log_path and the terminal, watch for divergence and anneals.
-    -> (status, returncode, Losses)."""
+def _tee(command, log_path, record, run_dir, stops, curves=None):
+    """Run the child, copy its log to log_path and the terminal (and its numbers to the live
+    curves), watch for divergence and anneals. -> (status, returncode, Losses)."""
     losses = Losses()
     # Line-buffered: a run killed hard (SIGKILL, OOM) keeps every line Caffe wrote.
     with open(log_path, "a", buffering=1) as log:
@@ -212,6 +216,8 @@ def _tee(command, log_path, record, run_dir, stops):
             log.write(line)
             sys.stderr.write(line)
             stops.forward()
+            if curves is not None:
+                curves.feed(line)
             logged = _logged_loss(line)
             if logged is not None and losses.first_bad is None:
                 iteration, good = logged

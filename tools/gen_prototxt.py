@@ -24,7 +24,8 @@ def build_parser():
                    % gen.DEFAULT_LMDB_DIR)
     p.add_argument("--crop", type=int, default=gen.DEFAULT_CROP, help="crop side (default %d)" % gen.DEFAULT_CROP)
     p.add_argument("--batch-size", type=int, default=None,
-                   help="train batch (default per variant: %s)"
+                   help="train batch (default per variant: %s); the BatchNorm families' base_lr follows it "
+                        "linearly: 0.1 x batch/128, times 4 for resnet_tiny"
                    % ", ".join("%s %d" % (n, v.batch_size) for n, v in nets.VARIANTS.items()))
     p.add_argument("--schedule", default="fast", choices=sorted(solver.SCHEDULES),
                    help="fast: LR/10 every 5,000 iterations of 20,000, alexnet: every 100,000 of 450,000; the "
