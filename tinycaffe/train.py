@@ -29,8 +29,10 @@ DIVERGED_LOSS = 87.3  # SoftmaxWithLoss caps at -log(FLT_MIN) = 87.34: the softm
 OPENBLAS_THREADS = str(devices.usable_cpus())
 
 
-def launch(args, argv):
-    """The whole run from the parent's side. Returns the process exit status."""
+def launch(args, argv, observer=None):
+    """The whole run from the parent's side. Returns the process exit status. observer, if given,
+    is called with every log line; when it returns True the run stops as on Ctrl-C (snapshot,
+    status "interrupted"): a sweep's pruner uses it."""
     variant, solver_path, base = runs.resolve_solver(args.target)
     gpu = runs.parse_gpu(args.gpu)
     if gpu and ("," in gpu or gpu == "all"):
@@ -82,7 +84,7 @@ def launch(args, argv):
               file=sys.stderr)
         curves = live.LiveCurves(run_dir, runs.images_per_iteration(used, gpu))
         try:
-            status, returncode, losses = _tee(command, log_path, record, run_dir, stops, curves)
+            status, returncode, losses = _tee(command, log_path, record, run_dir, stops, curves, observer)
             if status == "finished" and args.engine == "binary" and not stops.received:
                 status, returncode = _final_test(run_dir, used, gpu, log_path, stops, curves)
         finally:
@@ -200,7 +202,7 @@ class Losses:
         self.first_bad = self.last_good = None
 
 
-def _tee(command, log_path, record, run_dir, stops, curves=None):
+def _tee(command, log_path, record, run_dir, stops, curves=None, observer=None):
     """Run the child, copy its log to log_path and the terminal (and its numbers to the live
     curves), watch for divergence and anneals. -> (status, returncode, Losses)."""
     losses = Losses()
@@ -218,6 +220,10 @@ def _tee(command, log_path, record, run_dir, stops, curves=None):
             stops.forward()
             if curves is not None:
                 curves.feed(line)
+            if observer is not None and not stops.received and observer(line):
+                log.write(caffelog.glog_line("tinycaffe: stopped by its observer (a sweep's pruner)"))
+                stops.received.append(signal.SIGINT)  # as Ctrl-C: snapshot, then stop
+                stops.forward()
             logged = _logged_loss(line)
             if logged is not None and losses.first_bad is None:
                 iteration, good = logged

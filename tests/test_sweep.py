@@ -1,0 +1,146 @@
+"""tools/sweep.py: Optuna studies whose trials are real run dirs trained by real Caffe."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tinycaffe import data, sample_data, sweep
+
+TOOL = "tools/sweep.py"
+
+
+@pytest.fixture(scope="module")
+def lmdb_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    ds = str(root / "tiny-imagenet-200")
+    sample_data.generate(ds, classes=10, train=100, val=20, test=1, seed=0)  # the quickstart's sample
+    out = str(root / "lmdb")
+    data.make_lmdbs(ds, out, workers=2, splits=["train", "val"])
+    return out
+
+
+def write_space(folder, lmdb, **extra):
+    """tiny, 100 iterations, a test every 50; base_lr 0.02 learns, 0.0 stays at chance, and the
+    threshold pruner stops any trial below 15% val top-1 at a test."""
+    space = {"variants": ["tiny"], "lmdb_dir": lmdb, "budget": {"max_iter": 100, "test_interval": 50},
+             "seed": 0, "params": {"base_lr": {"type": "categorical", "choices": [0.02, 0.0]},
+                                   "weight_decay": {"type": "categorical", "choices": [0.0005, 0.0001]}},
+             "pruner": {"threshold": {"lower": 0.15}}}
+    space.update(extra)
+    path = folder / "space.json"
+    path.write_text(json.dumps(space))
+    return str(path)
+
+
+def sweep_command(space, root, trials, *more):
+    return [sys.executable, TOOL, space, "--trials", str(trials), "--pruner", "threshold", "--sampler", "grid",
+            "--root", str(root), *more]
+
+
+def trials_of(root, name="space"):
+    study = sweep.open_study(name, sweep.make_storage(None, os.path.join(str(root), name)))
+    return study.get_trials()
+
+
+def logged_best_top1(run_dir):
+    with open(os.path.join(run_dir, "test.csv")) as f:
+        return max(float(r["accuracy_top1"]) for r in csv.DictReader(f))
+
+
+def test_two_workers_share_a_file_study(repo, lmdb_dir, tmp_path):
+    space, root = write_space(tmp_path, lmdb_dir), tmp_path / "sweeps"
+    first = subprocess.Popen(sweep_command(space, root, 4), cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    time.sleep(3)  # the second joins a running study
+    second = subprocess.run(sweep_command(space, root, 4), cwd=repo, capture_output=True, text=True, timeout=600)
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0 and second.returncode == 0, (err[-2000:], second.stderr[-2000:])
+    trials = trials_of(root)
+    finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 4
+    assert all(t.state.name == "FAIL" and "run_dir" not in t.user_attrs for t in trials if t not in finished)
+    assert len({t.user_attrs["worker"]["pid"] for t in finished}) == 2  # both workers trained trials
+    states = {t.state.name for t in finished}
+    assert states == {"COMPLETE", "PRUNED"}, [(t.params, t.state.name, t.intermediate_values) for t in trials]
+    for t in finished:
+        run_dir = t.user_attrs["run_dir"]
+        assert run_dir == os.path.join(str(root), "space", "trial_%d" % t.number)
+        for name in ("solver.prototxt", "train_val.prototxt", "caffe.log", "run.json", "train.csv", "test.csv"):
+            assert os.path.isfile(os.path.join(run_dir, name)), (run_dir, name)
+        record = json.load(open(os.path.join(run_dir, "run.json")))
+        assert record["status"] == {"COMPLETE": "finished", "PRUNED": "pruned"}[t.state.name]
+        assert os.listdir(os.path.join(run_dir, "snapshots"))  # a pruned trial stops with a snapshot too
+        assert any(n.startswith("events.out.tfevents") for n in os.listdir(run_dir))  # live curves
+        # What Optuna got is what the log says: every val top-1 at its iteration.
+        with open(os.path.join(run_dir, "test.csv")) as f:
+            logged = {int(r["NumIters"]): float(r["accuracy_top1"]) for r in csv.DictReader(f)}
+        assert t.intermediate_values == pytest.approx(logged, abs=1e-6)
+        if t.state.name == "COMPLETE":
+            assert t.value == pytest.approx(max(logged.values())) and record["final"]["iterations"] == 100
+            assert t.params["base_lr"] == 0.02
+        else:
+            assert min(t.intermediate_values.values()) < 0.15 and record["final"]["iterations"] < 100
+    # The report: ranked by the trials' logged best val top-1, complete ones first.
+    report = subprocess.run([sys.executable, TOOL, "--report", "space", "--root", str(root)], cwd=repo,
+                            capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr[-2000:]
+    with open(root / "space" / "report.csv") as f:
+        rows = list(csv.DictReader(f))
+    ranked = sorted(finished, key=lambda t: (t.state.name != "COMPLETE", -logged_best_top1(t.user_attrs["run_dir"])))
+    assert [int(r["trial"]) for r in rows[:4]] == [t.number for t in ranked]
+    assert [float(r["best_top1"]) for r in rows[:4]] == pytest.approx(
+        [logged_best_top1(t.user_attrs["run_dir"]) for t in ranked])
+    assert "| 1 | %d |" % ranked[0].number in report.stdout
+    for png in ("history.png", "intermediate.png"):
+        assert (root / "space" / png).stat().st_size > 1000
+
+
+def test_killed_worker_is_not_a_result_and_the_study_continues(repo, lmdb_dir, tmp_path):
+    space, root = write_space(tmp_path, lmdb_dir), tmp_path / "sweeps"
+    worker = subprocess.Popen(sweep_command(space, root, 2), cwd=repo, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while not os.path.isfile(root / "space" / "trial_0" / "run.json") and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(2)
+    os.killpg(worker.pid, signal.SIGKILL)  # the worker and its caffe, mid-trial
+    worker.wait()
+    assert [t.state.name for t in trials_of(root)] == ["RUNNING"]
+    again = subprocess.run(sweep_command(space, root, 2), cwd=repo, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "trials [0] of a worker that is gone: marked failed" in again.stderr
+    trials = trials_of(root)
+    assert trials[0].state.name == "FAIL"
+    assert sorted(t.state.name in ("COMPLETE", "PRUNED") for t in trials[1:]) == [True, True]
+    # A finished study: the same command trains nothing more.
+    done = subprocess.run(sweep_command(space, root, 2), cwd=repo, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and len(trials_of(root)) == len(trials)
+
+
+@pytest.mark.parametrize("change, needle", [
+    (dict(variants=["resnet"]), "variants: unknown resnet (valid: alexnet"),
+    (dict(params={"lr": {"type": "float", "low": 0.1, "high": 1}}), "params.lr: not a searchable value"),
+    (dict(params={"base_lr": {"type": "float", "low": 1, "high": 0.1}}), "needs numbers low < high"),
+    (dict(params={"base_lr": {"type": "float", "low": 0, "high": 0.1, "log": True}}), "log scale needs low > 0"),
+    (dict(budget={"max_iter": 0, "test_interval": 1}), "budget.max_iter must be an integer >= 1"),
+    (dict(lmdb_dir="/nonexistent"), "lmdb_dir /nonexistent has no manifest.json"),
+])
+def test_bad_space_is_one_line_naming_the_field(repo, lmdb_dir, tmp_path, change, needle):
+    space = write_space(tmp_path, lmdb_dir, **change)
+    out = subprocess.run(sweep_command(space, tmp_path / "sweeps", 1), cwd=repo, capture_output=True, text=True)
+    assert out.returncode == 1 and needle in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_grid_needs_categorical_params_and_report_needs_a_study(repo, lmdb_dir, tmp_path):
+    space = write_space(tmp_path, lmdb_dir, params={"base_lr": {"type": "float", "low": 0.001, "high": 0.1}})
+    out = subprocess.run(sweep_command(space, tmp_path / "sweeps", 1), cwd=repo, capture_output=True, text=True)
+    assert out.returncode == 1 and "--sampler grid needs categorical params only; base_lr are ranges" in out.stderr
+    out = subprocess.run([sys.executable, TOOL, "--report", "nothing", "--root", str(tmp_path)], cwd=repo,
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "no sweep 'nothing'" in out.stderr
