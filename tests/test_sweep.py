@@ -62,8 +62,7 @@ def test_two_workers_share_a_file_study(repo, lmdb_dir, tmp_path):
     assert first.returncode == 0 and second.returncode == 0, (err[-2000:], second.stderr[-2000:])
     trials = trials_of(root)
     finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
-    assert len(finished) == 4
-    assert all(t.state.name == "FAIL" and "run_dir" not in t.user_attrs for t in trials if t not in finished)
+    assert 4 <= len(finished) <= 5 and len(finished) == len(trials)  # one more if both were mid-trial at the end
     assert len({t.user_attrs["worker"]["pid"] for t in finished}) == 2  # both workers trained trials
     states = {t.state.name for t in finished}
     assert states == {"COMPLETE", "PRUNED"}, [(t.params, t.state.name, t.intermediate_values) for t in trials]
@@ -76,24 +75,28 @@ def test_two_workers_share_a_file_study(repo, lmdb_dir, tmp_path):
         assert record["status"] == {"COMPLETE": "finished", "PRUNED": "pruned"}[t.state.name]
         assert os.listdir(os.path.join(run_dir, "snapshots"))  # a pruned trial stops with a snapshot too
         assert any(n.startswith("events.out.tfevents") for n in os.listdir(run_dir))  # live curves
-        # What Optuna got is what the log says: every val top-1 at its iteration.
+        # What Optuna got is what the log says: every val top-1 at its iteration (for a pruned trial,
+        # up to the test that pruned it: the child may log one more before the stop reaches it).
         with open(os.path.join(run_dir, "test.csv")) as f:
             logged = {int(r["NumIters"]): float(r["accuracy_top1"]) for r in csv.DictReader(f)}
+        if t.state.name == "PRUNED":
+            logged = {k: v for k, v in logged.items() if k <= max(t.intermediate_values)}
         assert t.intermediate_values == pytest.approx(logged, abs=1e-6)
         if t.state.name == "COMPLETE":
             assert t.value == pytest.approx(max(logged.values())) and record["final"]["iterations"] == 100
             assert t.params["base_lr"] == 0.02
         else:
-            assert min(t.intermediate_values.values()) < 0.15 and record["final"]["iterations"] < 100
+            assert min(t.intermediate_values.values()) < 0.15 and t.params["base_lr"] == 0.0
     # The report: ranked by the trials' logged best val top-1, complete ones first.
     report = subprocess.run([sys.executable, TOOL, "--report", "space", "--root", str(root)], cwd=repo,
                             capture_output=True, text=True)
     assert report.returncode == 0, report.stderr[-2000:]
     with open(root / "space" / "report.csv") as f:
         rows = list(csv.DictReader(f))
-    ranked = sorted(finished, key=lambda t: (t.state.name != "COMPLETE", -logged_best_top1(t.user_attrs["run_dir"])))
-    assert [int(r["trial"]) for r in rows[:4]] == [t.number for t in ranked]
-    assert [float(r["best_top1"]) for r in rows[:4]] == pytest.approx(
+    ranked = sorted(finished, key=lambda t: (t.state.name != "COMPLETE", -logged_best_top1(t.user_attrs["run_dir"]),
+                                             t.number))
+    assert [int(r["trial"]) for r in rows] == [t.number for t in ranked]
+    assert [float(r["best_top1"]) for r in rows] == pytest.approx(
         [logged_best_top1(t.user_attrs["run_dir"]) for t in ranked])
     assert "| 1 | %d |" % ranked[0].number in report.stdout
     for png in ("history.png", "intermediate.png"):
@@ -122,7 +125,50 @@ def test_killed_worker_is_not_a_result_and_the_study_continues(repo, lmdb_dir, t
     assert done.returncode == 0 and len(trials_of(root)) == len(trials)
 
 
+def test_sigterm_stops_the_worker_with_a_snapshot_and_status_130(repo, lmdb_dir, tmp_path):
+    """Slurm's time limit or scancel: the trial snapshots, is not a result, the worker exits 130."""
+    space, root = write_space(tmp_path, lmdb_dir), tmp_path / "sweeps"
+    worker = subprocess.Popen(sweep_command(space, root, 2), cwd=repo, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not os.path.isfile(root / "space" / "trial_0" / "caffe.log") and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(3)
+    worker.send_signal(signal.SIGTERM)
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 130, err[-2000:]
+    assert "run the same command to continue the study" in err
+    [trial] = trials_of(root)
+    assert trial.state.name == "FAIL"
+    record = json.load(open(root / "space" / "trial_0" / "run.json"))
+    assert record["status"] == "interrupted" and os.listdir(root / "space" / "trial_0" / "snapshots")
+
+
+def test_repeated_failures_end_the_worker(repo, lmdb_dir, tmp_path):
+    """A value that always breaks training (here an LR that diverges at once) stops the worker
+    after 3 failed trials in a row instead of looping; failed trials are never results."""
+    space = write_space(tmp_path, lmdb_dir, params={"base_lr": {"type": "categorical", "choices": [1e6]}})
+    out = subprocess.run(sweep_command(space, tmp_path / "sweeps", 2, "--pruner", "none", "--sampler", "random"),
+                         cwd=repo, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "3 trials failed in a row: this worker stops" in out.stderr
+    trials = trials_of(tmp_path / "sweeps")
+    assert [t.state.name for t in trials] == ["FAIL"] * 3
+    assert all(not t.intermediate_values for t in trials)  # NaN weights' "100%" val top-1 never reported
+    report = subprocess.run([sys.executable, TOOL, "--report", "space", "--root", str(tmp_path / "sweeps")],
+                            cwd=repo, capture_output=True, text=True)
+    assert report.returncode == 0 and "100.0%" not in report.stdout and "| – |" in report.stdout
+
+
 @pytest.mark.parametrize("change, needle", [
+    (dict(params={"augment": {"type": "categorical", "choices": ["flip", "foo"]}}),
+     "params.augment: choice 'foo' is not one of none, flip, colour, scale, full"),
+    (dict(params={"solver": {"type": "categorical", "choices": ["adam"]}}), "choice 'adam' is not one of sgd"),
+    (dict(params={"stepsize": {"type": "float", "low": 10, "high": 100}}), "params.stepsize: an integer"),
+    (dict(params={"batch_size": {"type": "int", "low": 0, "high": 4}}), "low and high must be an integer >= 1"),
+    (dict(params={"solver": {"type": "categorical", "choices": ["adagrad"]},
+                  "momentum": {"type": "float", "low": 0.5, "high": 0.9}}), "Caffe refuses momentum with AdaGrad"),
+    (dict(pruner={"median": {"n_startup": 3}}), "pruner.median:"),
     (dict(variants=["resnet"]), "variants: unknown resnet (valid: alexnet"),
     (dict(params={"lr": {"type": "float", "low": 0.1, "high": 1}}), "params.lr: not a searchable value"),
     (dict(params={"base_lr": {"type": "float", "low": 1, "high": 0.1}}), "needs numbers low < high"),
@@ -130,7 +176,7 @@ def test_killed_worker_is_not_a_result_and_the_study_continues(repo, lmdb_dir, t
     (dict(budget={"max_iter": 0, "test_interval": 1}), "budget.max_iter must be an integer >= 1"),
     (dict(lmdb_dir="/nonexistent"), "lmdb_dir /nonexistent has no manifest.json"),
 ])
-def test_bad_space_is_one_line_naming_the_field(repo, lmdb_dir, tmp_path, change, needle):
+def test_bad_space_is_one_line_naming_the_field(repo, lmdb_dir, tmp_path, change, needle):  # noqa: E501
     space = write_space(tmp_path, lmdb_dir, **change)
     out = subprocess.run(sweep_command(space, tmp_path / "sweeps", 1), cwd=repo, capture_output=True, text=True)
     assert out.returncode == 1 and needle in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr

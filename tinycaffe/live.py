@@ -7,7 +7,7 @@ tensorboardX's SummaryWriter into the run directory:
     train/<output>     every "Train net output" line (train/loss: Caffe's loss at that iteration)
     val/<output>       every "Test net output" line (val/accuracy_top1, val/accuracy_top5, val/loss)
     lr                 every "Iteration N, lr = X" line
-    images_per_second  Caffe's "(X iter/s, ...)" times the images one iteration consumes
+    images_per_second  Caffe's "(X iter/s, ...)" times the images one iteration consumes (not at 0)
 
 Step = Caffe's iteration. A resumed run appends a new event file to the same directory.
 """
@@ -36,7 +36,7 @@ class LiveCurves:
             self._scalar("lr", caffelog.parse_float(m.group(2)), int(m.group(1)))
             return
         m = RATE.search(line)
-        if m:
+        if m and int(m.group(1)) > 0:  # Caffe's rate at iteration 0 divides by an unset timer: noise
             rate = caffelog.parse_float(m.group(2))
             self._scalar("images_per_second", rate * self.images_per_iteration, int(m.group(1)))
         m = caffelog.ITERATION.search(line)

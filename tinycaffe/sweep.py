@@ -20,7 +20,7 @@ import tempfile
 
 from google.protobuf import text_format
 
-from . import caffelog, gen, nets, repo_path, runs, train
+from . import augment, caffelog, gen, nets, repo_path, runs, solver as solvers, train
 from .caffe_env import caffe_pb2
 from .files import write_text
 
@@ -80,25 +80,70 @@ def load_space(path):
         os.path.join(base, lmdb_dir) if os.path.isdir(os.path.join(base, lmdb_dir)) else repo_path(lmdb_dir))
     if not os.path.isfile(os.path.join(lmdb_dir, "manifest.json")):
         raise SweepError("%s: lmdb_dir %s has no manifest.json (run tools/make_lmdb.py first)" % (path, lmdb_dir))
-    return {"variants": list(variants), "lmdb_dir": lmdb_dir, "budget": budget, "params": params,
-            "pruner": space.get("pruner") or {}, "seed": int(space.get("seed", 0)), "path": os.path.abspath(path)}
+    loaded = {"variants": list(variants), "lmdb_dir": lmdb_dir, "budget": budget, "params": params,
+              "pruner": space.get("pruner") or {}, "seed": int(space.get("seed", 0)), "path": os.path.abspath(path)}
+    _check_combinations(path, loaded)
+    if not isinstance(loaded["pruner"], dict):
+        raise SweepError("%s: pruner must map a pruner name to its options" % path)
+    for name in loaded["pruner"]:
+        try:
+            make_pruner(name, loaded["pruner"])
+        except TypeError as exc:
+            raise SweepError("%s: pruner.%s: %s" % (path, name, exc))
+    return loaded
+
+
+# What each searchable value may be: (kind of value, check, what the check wants).
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+VALUE_RULES = {
+    "batch_size": ("int", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    "crop": ("int", lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 64, "an integer 1..64"),
+    "stepsize": ("int", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    "augment": ("choice", lambda v: v in augment.PRESETS, "one of %s" % ", ".join(augment.PRESETS)),
+    "solver": ("choice", lambda v: v in solvers.SOLVER_TYPES, "one of %s" % ", ".join(solvers.SOLVER_TYPES)),
+    "base_lr": ("float", lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "weight_decay": ("float", lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "momentum": ("float", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "gamma": ("float", lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
+}
 
 
 def _check_param(path, name, spec):
     where = "%s: params.%s" % (path, name)
-    if name not in GEN_PARAMS + SOLVER_PARAMS:
-        raise SweepError("%s: not a searchable value (valid: %s)" % (where, ", ".join(GEN_PARAMS + SOLVER_PARAMS)))
+    if name not in VALUE_RULES:
+        raise SweepError("%s: not a searchable value (valid: %s)" % (where, ", ".join(VALUE_RULES)))
+    kind, ok, wanted = VALUE_RULES[name]
     if not isinstance(spec, dict) or spec.get("type") not in KINDS:
         raise SweepError("%s: needs type: %s" % (where, " | ".join(KINDS)))
     if spec["type"] == "categorical":
         if not isinstance(spec.get("choices"), list) or not spec["choices"]:
             raise SweepError("%s: categorical needs a non-empty list of choices" % where)
+        bad = [c for c in spec["choices"] if not ok(c)]
+        if bad:
+            raise SweepError("%s: choice %r is not %s" % (where, bad[0], wanted))
         return
+    if kind == "choice":
+        raise SweepError("%s: a choice, so type: categorical with choices (%s)" % (where, wanted))
+    if kind == "int" and spec["type"] != "int":
+        raise SweepError("%s: an integer, so type: int (or categorical)" % where)
     low, high = spec.get("low"), spec.get("high")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or not low < high:
+    if not all(_number(v) for v in (low, high)) or not low < high:
         raise SweepError("%s: %s needs numbers low < high, got %r and %r" % (where, spec["type"], low, high))
+    if not (ok(low) and ok(high)) and not (kind == "int" and ok(int(low)) and ok(int(high))):
+        raise SweepError("%s: low and high must be %s, got %r and %r" % (where, wanted, low, high))
     if spec.get("log") and low <= 0:
         raise SweepError("%s: log scale needs low > 0, got %r" % (where, low))
+
+
+def _check_combinations(path, space):
+    """Values that can never work together: Caffe refuses momentum with AdaGrad."""
+    solver_choices = space["params"].get("solver", {}).get("choices", [])
+    if "adagrad" in solver_choices and "momentum" in space["params"]:
+        raise SweepError("%s: params.momentum with solver adagrad: Caffe refuses momentum with AdaGrad; search "
+                         "them in separate sweeps" % path)
 
 
 def suggest(trial, space):
@@ -143,13 +188,16 @@ def make_pruner(name, options):
 
 
 def make_sampler(name, space):
+    """Seeded per worker process (the space's seed + the pid): workers started together, and a
+    study continued later, must not draw the same values again."""
     import optuna
+    seed = space["seed"] + os.getpid()
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=space["seed"])
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True)  # running trials count as pending
     if name == "random":
-        return optuna.samplers.RandomSampler(seed=space["seed"])
+        return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":
-        return optuna.samplers.GridSampler(grid_space(space), seed=space["seed"])
+        return optuna.samplers.GridSampler(grid_space(space), seed=seed)
     raise SweepError("unknown --sampler '%s' (valid: %s)" % (name, ", ".join(SAMPLERS)))
 
 
@@ -157,7 +205,7 @@ def make_storage(url, sweep_dir):
     """The file journal in sweep_dir (default) or Optuna's RDB storage for a URL."""
     import optuna
     if url:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
+        return optuna.storages.RDBStorage(url)
     from optuna.storages.journal import JournalFileBackend, JournalStorage
     os.makedirs(sweep_dir, exist_ok=True)
     return JournalStorage(JournalFileBackend(os.path.join(sweep_dir, JOURNAL)))
@@ -181,42 +229,62 @@ def _alive(pid):
 
 
 def fail_orphans(study):
-    """Trials left RUNNING by a worker of this machine that is gone (killed, crashed): FAIL, so
-    they never count as results. RDB storages also fail them by heartbeat (other machines)."""
-    import optuna
+    """Trials left RUNNING by a worker of this machine (same host name) whose process is gone
+    (killed, crashed): FAIL, so they never count as results. Trials of other machines are left
+    alone; they do not hold up this worker either (only finished trials count)."""
+    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
     host, failed = socket.gethostname(), []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker") or {}
-        if worker.get("host") == host and not _alive(int(worker.get("pid", 0)) or -1):
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        pid = int(worker.get("pid", 0) or 0)
+        if worker.get("host") == host and pid > 0 and pid != os.getpid() and not _alive(pid):
+            try:
+                study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            except UpdateFinishedTrialError:
+                continue  # another worker starting at the same moment failed it first
             failed.append(t.number)
-    if isinstance(study._storage, optuna.storages.RDBStorage):
-        optuna.storages.fail_stale_trials(study)
     return failed
 
 
 # ---------------------------------------------------------------- one trial
 class Reporter:
-    """Fed the trial's log lines: reports every val top-1 to Optuna; True when pruned."""
+    """Fed the trial's log lines: reports every val top-1 to Optuna when its test block ends;
+    True when pruned. A block whose val loss is not finite (diverged weights: Caffe's Accuracy
+    then says 1.0) is not a result and is not reported."""
 
     def __init__(self, trial):
-        self.trial, self.iteration, self.pruned, self.reported = trial, 0, False, {}
+        self.trial, self.iteration, self.pruned, self.reported, self.block = trial, 0, False, {}, {}
 
     def feed(self, line):
+        m = caffelog.OUTPUT.search(line)
+        if m and m.group(1) == "Test":
+            self.block[m.group(2)] = caffelog.parse_float(m.group(3))
+            return False
+        stop = self._flush() if self.block else False
         m = caffelog.ITERATION.search(line)
         if m and not caffelog.LR.search(line):
             self.iteration = int(m.group(1))
-        m = caffelog.OUTPUT.search(line)
-        if m and m.group(1) == "Test" and m.group(2) == "accuracy_top1":
-            value = caffelog.parse_float(m.group(3))
-            if math.isfinite(value) and self.iteration not in self.reported:
-                self.reported[self.iteration] = value
-                self.trial.report(value, self.iteration)
-                if self.trial.should_prune():
-                    self.pruned = True
-                    return True
-        return False
+        return stop
+
+    def finish(self):
+        """The last block, if the log ended right after it."""
+        if self.block:
+            self._flush()
+
+    def _flush(self):
+        block, self.block = self.block, {}
+        value = block.get("accuracy_top1", math.nan)
+        if not (math.isfinite(value) and math.isfinite(block.get("loss", 0.0))) or self.iteration in self.reported:
+            return False
+        from optuna.exceptions import UpdateFinishedTrialError
+        self.reported[self.iteration] = value
+        try:
+            self.trial.report(value, self.iteration)
+            self.pruned = self.trial.should_prune()
+        except UpdateFinishedTrialError:  # failed by another worker that thought this one gone
+            return True
+        return self.pruned
 
 
 def prepare_trial(space, values, work, seed, mode):
@@ -239,9 +307,13 @@ def prepare_trial(space, values, work, seed, mode):
     return path
 
 
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM (Slurm's time limit, scancel) during a trial: the worker stops."""
+
+
 def run_trial(trial, space, sweep_dir, gpu):
     """Train one trial into sweep_dir/trial_<n>; -> its best val top-1. Raises optuna.TrialPruned
-    when pruned and TrialFailed when training did not finish."""
+    when pruned, Interrupted on Ctrl-C/SIGTERM and TrialFailed when training did not finish."""
     import optuna
     values = suggest(trial, space)
     run_dir = os.path.join(sweep_dir, "trial_%d" % trial.number)
@@ -252,12 +324,16 @@ def run_trial(trial, space, sweep_dir, gpu):
         args = argparse.Namespace(target=solver_path, gpu=gpu or "cpu", resume=False, weights=None, run_dir=run_dir,
                                   runs_root=None, engine="binary", anneal="step", patience=train.DEFAULT_PATIENCE,
                                   min_delta=train.DEFAULT_MIN_DELTA, max_anneals=train.DEFAULT_MAX_ANNEALS)
-        reporter = Reporter(trial)
-        code = train.launch(args, ["sweep.py", "trial", str(trial.number)], observer=reporter.feed)
+        reporter, stops = Reporter(trial), train.StopSignals()
+        code = train.launch(args, ["sweep.py", "trial", str(trial.number)], observer=reporter.feed, stops=stops)
+        reporter.finish()
     record = runs.load_record(run_dir)
     final = record.get("final") or {}
     trial.set_user_attr("final", {k: final[k] for k in ("iterations", "best_accuracy_top1", "best_accuracy_top5",
                                                         "accuracy_top1", "wall_seconds") if k in final})
+    if stops.received:
+        raise Interrupted("trial %d stopped by a signal at iteration %s (snapshot in %s)"
+                          % (trial.number, final.get("iterations"), run_dir))
     if reporter.pruned:
         record["status"] = "pruned"
         runs.save_record(run_dir, record)
@@ -270,14 +346,19 @@ def run_trial(trial, space, sweep_dir, gpu):
 
 
 # ---------------------------------------------------------------- workers
-def counted(study):
-    """Trials that count towards --trials: complete, pruned, and running ones."""
+MAX_FAILURES_IN_A_ROW = 3  # a failure that repeats (a bad value, a broken LMDB) ends the worker
+
+
+def finished(study):
+    """Trials that count towards --trials: complete and pruned ones."""
     from optuna.trial import TrialState
-    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
 
 
 def work(space, name, sweep_dir, trials, gpu, storage_url, pruner, sampler):
-    """One worker: ask, train, tell, until the study holds `trials` finished trials. -> trials run."""
+    """One worker: ask, train, tell, until the study holds `trials` finished trials (several
+    workers may together overshoot by the trials still running when it is reached).
+    -> (trials this worker told, exit status: 0, 1 after repeated failures, 130 on a signal)."""
     import optuna
     from optuna.trial import TrialState
     storage = make_storage(storage_url, sweep_dir)
@@ -285,30 +366,30 @@ def work(space, name, sweep_dir, trials, gpu, storage_url, pruner, sampler):
     orphans = fail_orphans(study)
     if orphans:
         print("[sweep] trials %s of a worker that is gone: marked failed" % orphans, file=sys.stderr)
-    done = 0
-    while len(counted(study)) < trials:
+    done = failures = 0
+    while len(finished(study)) < trials:
         trial = study.ask()
-        mine_first = [t for t in counted(study) if t.number < trial.number]
-        if len(mine_first) >= trials:  # another worker asked at the same moment: not needed
-            study.tell(trial, state=TrialState.FAIL)
-            break
-        stop = False
         try:
             value = run_trial(trial, space, sweep_dir, gpu)
         except optuna.TrialPruned:
-            grid_done = _tell(study, trial, state=TrialState.PRUNED)
-        except TrialFailed as exc:
-            grid_done = _tell(study, trial, state=TrialState.FAIL)
+            grid_done, failures = _tell(study, trial, state=TrialState.PRUNED), 0
+        except Interrupted as exc:
+            _tell(study, trial, state=TrialState.FAIL)
+            print("[sweep] %s; run the same command to continue the study" % exc, file=sys.stderr)
+            return done + 1, 130
+        except (TrialFailed, runs.RunError, ValueError) as exc:
+            grid_done, failures = _tell(study, trial, state=TrialState.FAIL), failures + 1
             print("[sweep] %s" % exc, file=sys.stderr)
-            record = runs.load_record(trial.user_attrs["run_dir"]) if os.path.isfile(
-                os.path.join(trial.user_attrs.get("run_dir", ""), "run.json")) else {}
-            stop = record.get("status") == "interrupted"  # a signal (Ctrl-C, Slurm's time limit): worker ends
+            if failures >= MAX_FAILURES_IN_A_ROW:
+                print("[sweep] %d trials failed in a row: this worker stops (see their caffe.log)" % failures,
+                      file=sys.stderr)
+                return done + 1, 1
         else:
-            grid_done = _tell(study, trial, value)
+            grid_done, failures = _tell(study, trial, value), 0
         done += 1
-        if stop or grid_done:
+        if grid_done:
             break
-    return done
+    return done, 0
 
 
 def _tell(study, trial, value=None, state=None):
@@ -335,6 +416,13 @@ def run(space_path, name=None, trials=DEFAULT_TRIALS, gpu="cpu", storage=None, p
     gpus = [] if gpu in (None, "cpu") else gpu.split(",")
     if len(gpus) <= 1:
         return work(space, name, sweep_dir, trials, gpus[0] if gpus else None, storage, pruner, sampler)
+    return _run_workers(space_path, name, sweep_dir, trials, gpus, storage, pruner, sampler)
+
+
+def _run_workers(space_path, name, sweep_dir, trials, gpus, storage, pruner, sampler):
+    """One worker process per GPU; Ctrl-C and SIGTERM are passed on to all of them (each then
+    snapshots its trial). -> (0, worst exit status)."""
+    import signal
     procs = []
     for one in gpus:
         command = [sys.executable, "-m", "tinycaffe.sweep", space_path, "--name", name, "--trials", str(trials),
@@ -342,13 +430,18 @@ def run(space_path, name=None, trials=DEFAULT_TRIALS, gpu="cpu", storage=None, p
         if storage:
             command += ["--storage", storage]
         procs.append(subprocess.Popen(command))
+
+    def pass_on(signum, frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         codes = [p.wait() for p in procs]
-    except KeyboardInterrupt:
-        for p in procs:
-            p.terminate()
-        codes = [p.wait() for p in procs]
-    return 0 if all(c == 0 for c in codes) else 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0, max(codes, key=lambda c: (c != 0, abs(c)))
 
 
 # ---------------------------------------------------------------- the report
@@ -373,8 +466,10 @@ def report(name, root=None, storage=None, out=print):
     lines = ["| rank | trial | params | best val top-1 | best val top-5 | iterations | status | wall s |",
              "|---:|---:|---|---:|---:|---:|---|---:|"]
     for rank, r in enumerate(rows, 1):
-        lines.append("| %d | %d | %s | %s | %s | %s | %s | %s |" % (
-            rank, r["trial"], ", ".join("%s=%s" % (k, _short(v)) for k, v in sorted(r["params"].items())),
+        if r["status"] not in ("complete", "pruned"):
+            r["best_top1"] = r["best_top5"] = None  # a failed run's numbers are no result (NaN weights say 100%)
+        lines.append("| %s | %d | %s | %s | %s | %s | %s | %s |" % (
+            rank if r["status"] in ("complete", "pruned") else "–", r["trial"], ", ".join("%s=%s" % (k, _short(v)) for k, v in sorted(r["params"].items())),
             _pct(r["best_top1"]), _pct(r["best_top5"]), r["iterations"] if r["iterations"] is not None else "",
             r["status"], "%.0f" % r["wall_seconds"] if r["wall_seconds"] is not None else ""))
     table = "\n".join(lines) + "\n"
@@ -438,9 +533,14 @@ def _worker_main(argv):
     p.add_argument("--root")
     p.add_argument("--storage", default=None)
     a = p.parse_args(argv)
-    space = load_space(a.space)
-    work(space, a.name, os.path.join(a.root, a.name), a.trials, a.gpu, a.storage, a.pruner, a.sampler)
-    return 0
+    try:
+        space = load_space(a.space)
+        _, status = work(space, a.name, os.path.join(a.root, a.name), a.trials, a.gpu, a.storage, a.pruner,
+                         a.sampler)
+    except (SweepError, runs.RunError, ValueError) as exc:
+        print("sweep worker (gpu %s): error: %s" % (a.gpu, exc), file=sys.stderr)
+        return 1
+    return status
 
 
 if __name__ == "__main__":

@@ -29,10 +29,11 @@ DIVERGED_LOSS = 87.3  # SoftmaxWithLoss caps at -log(FLT_MIN) = 87.34: the softm
 OPENBLAS_THREADS = str(devices.usable_cpus())
 
 
-def launch(args, argv, observer=None):
+def launch(args, argv, observer=None, stops=None):
     """The whole run from the parent's side. Returns the process exit status. observer, if given,
     is called with every log line; when it returns True the run stops as on Ctrl-C (snapshot,
-    status "interrupted"): a sweep's pruner uses it."""
+    status "interrupted"): a sweep's pruner uses it. stops: a StopSignals to use (the caller then
+    sees in its `received` whether Ctrl-C or SIGTERM came during the run)."""
     variant, solver_path, base = runs.resolve_solver(args.target)
     gpu = runs.parse_gpu(args.gpu)
     if gpu and ("," in gpu or gpu == "all"):
@@ -78,15 +79,15 @@ def launch(args, argv, observer=None):
     command = (_binary_command(solver_file, gpu, state, args.weights) if args.engine == "binary"
                else _worker_command(run_dir, gpu, state, args.weights, record))
     log_path = os.path.join(run_dir, "caffe.log")
-    with StopSignals() as stops:  # from here on a signal can no longer leave run.json at "running"
+    with stops or StopSignals() as stops:  # from here on a signal can no longer leave run.json at "running"
         runs.save_record(run_dir, record)
         print("[train] run dir %s (%s, %s)" % (run_dir, args.engine, "gpu " + gpu if gpu else "cpu"),
               file=sys.stderr)
         curves = live.LiveCurves(run_dir, runs.images_per_iteration(used, gpu))
         try:
             status, returncode, losses = _tee(command, log_path, record, run_dir, stops, curves, observer)
-            if status == "finished" and args.engine == "binary" and not stops.received:
-                status, returncode = _final_test(run_dir, used, gpu, log_path, stops, curves)
+            if status == "finished" and args.engine == "binary" and not stops.stopping:
+                status, returncode = _final_test(run_dir, used, gpu, log_path, stops, curves, observer)
         finally:
             curves.close()
         return _finish(run_dir, record, status, returncode, losses)
@@ -129,7 +130,7 @@ def _worker_command(run_dir, gpu, state, weights, record):
     return cmd
 
 
-def _final_test(run_dir, used, gpu, log_path, stops, curves=None):
+def _final_test(run_dir, used, gpu, log_path, stops, curves=None, observer=None):
     """Caffe's binary tests only at multiples of test_interval: when max_iter is not one, test
     the final snapshot once more (the pycaffe worker, --test-only), so that every finished run
     ends with a val number at its last iteration. -> (status, returncode)."""
@@ -141,7 +142,7 @@ def _final_test(run_dir, used, gpu, log_path, stops, curves=None):
     command = [sys.executable, "-m", "tinycaffe.train", "--worker", run_dir, "--test-only", "--state", state]
     if gpu:  # one GPU is enough to test
         command += ["--gpu", "0" if gpu == "all" else gpu.split(",")[0]]
-    status, returncode, _ = _tee(command, log_path, None, run_dir, stops, curves)
+    status, returncode, _ = _tee(command, log_path, None, run_dir, stops, curves, observer)
     return status, returncode
 
 
@@ -169,7 +170,16 @@ class StopSignals:
     is never killed by them before run.json and the outputs are written."""
 
     def __init__(self):
-        self.received, self.child, self.previous = [], None, {}
+        self.received, self.child, self.previous, self.observer_stop = [], None, {}, False
+
+    @property
+    def stopping(self):
+        return bool(self.received) or self.observer_stop
+
+    def stop_child(self):
+        """Stop the child as a signal would, without one having come (the run's observer asked)."""
+        self.observer_stop = True
+        self.forward()
 
     def __enter__(self):
         self.previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -191,7 +201,7 @@ class StopSignals:
 
     def forward(self):
         """Once a signal came: SIGINT to the child while it runs (it may still ignore it)."""
-        if self.received and self.child is not None and self.child.poll() is None:
+        if self.stopping and self.child is not None and self.child.poll() is None:
             self.child.send_signal(signal.SIGINT)
 
 
@@ -220,10 +230,9 @@ def _tee(command, log_path, record, run_dir, stops, curves=None, observer=None):
             stops.forward()
             if curves is not None:
                 curves.feed(line)
-            if observer is not None and not stops.received and observer(line):
+            if observer is not None and not stops.stopping and observer(line):
                 log.write(caffelog.glog_line("tinycaffe: stopped by its observer (a sweep's pruner)"))
-                stops.received.append(signal.SIGINT)  # as Ctrl-C: snapshot, then stop
-                stops.forward()
+                stops.stop_child()  # as Ctrl-C: snapshot, then stop
             logged = _logged_loss(line)
             if logged is not None and losses.first_bad is None:
                 iteration, good = logged

@@ -45,14 +45,19 @@ def main(argv=None):
         gpu = runs.parse_gpu(args.gpu) or "cpu"
         if gpu == "all":
             raise sweep.SweepError("--gpu all: list the GPUs (e.g. 0,1,2,3), one worker each")
-        done = sweep.run(args.space, args.name, args.trials, gpu, args.storage, args.pruner, args.sampler, args.root)
+        done, status = sweep.run(args.space, args.name, args.trials, gpu, args.storage, args.pruner, args.sampler,
+                                 args.root)
     except (sweep.SweepError, runs.RunError, data.DataError, CaffeNotFound, ValueError) as exc:
         print("sweep.py: error: %s" % str(exc).strip("'\""), file=sys.stderr)
         return 1
-    print("[sweep] done (%s); the ranked table: tools/sweep.py --report %s"
-          % ("this worker ran %d trial(s)" % done if isinstance(done, int) and done else "workers finished",
-             args.name or os.path.splitext(os.path.basename(args.space))[0]), file=sys.stderr)
-    return 0
+    except KeyboardInterrupt:
+        print("sweep.py: interrupted between trials; run the same command to continue the study", file=sys.stderr)
+        return 130
+    name = args.name or os.path.splitext(os.path.basename(args.space))[0]
+    if status == 0:
+        print("[sweep] done%s; the ranked table: tools/sweep.py --report %s"
+              % (" (this worker told %d trial(s))" % done if done else "", name), file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":
