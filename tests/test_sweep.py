@@ -103,14 +103,19 @@ def test_two_workers_share_a_file_study(repo, lmdb_dir, tmp_path):
         assert (root / "space" / png).stat().st_size > 1000
 
 
+def worker_mid_trial(repo, space, root, **popen):
+    """A one-worker sweep of 2 trials, a few seconds into training its first trial."""
+    worker = subprocess.Popen(sweep_command(space, root, 2), cwd=repo, stdout=subprocess.DEVNULL, text=True, **popen)
+    deadline = time.time() + 120
+    while not os.path.isfile(root / "space" / "trial_0" / "caffe.log") and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(3)
+    return worker
+
+
 def test_killed_worker_is_not_a_result_and_the_study_continues(repo, lmdb_dir, tmp_path):
     space, root = write_space(tmp_path, lmdb_dir), tmp_path / "sweeps"
-    worker = subprocess.Popen(sweep_command(space, root, 2), cwd=repo, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while not os.path.isfile(root / "space" / "trial_0" / "run.json") and time.time() < deadline:
-        time.sleep(0.5)
-    time.sleep(2)
+    worker = worker_mid_trial(repo, space, root, stderr=subprocess.DEVNULL, start_new_session=True)
     os.killpg(worker.pid, signal.SIGKILL)  # the worker and its caffe, mid-trial
     worker.wait()
     assert [t.state.name for t in trials_of(root)] == ["RUNNING"]
@@ -128,12 +133,7 @@ def test_killed_worker_is_not_a_result_and_the_study_continues(repo, lmdb_dir, t
 def test_sigterm_stops_the_worker_with_a_snapshot_and_status_130(repo, lmdb_dir, tmp_path):
     """Slurm's time limit or scancel: the trial snapshots, is not a result, the worker exits 130."""
     space, root = write_space(tmp_path, lmdb_dir), tmp_path / "sweeps"
-    worker = subprocess.Popen(sweep_command(space, root, 2), cwd=repo, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not os.path.isfile(root / "space" / "trial_0" / "caffe.log") and time.time() < deadline:
-        time.sleep(0.5)
-    time.sleep(3)
+    worker = worker_mid_trial(repo, space, root, stderr=subprocess.PIPE)
     worker.send_signal(signal.SIGTERM)
     _, err = worker.communicate(timeout=120)
     assert worker.returncode == 130, err[-2000:]
