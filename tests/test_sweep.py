@@ -18,9 +18,9 @@ TOOL = "tools/sweep.py"
 def lmdb_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     ds = str(root / "tiny-imagenet-200")
-    sample_data.generate(ds, classes=10, train=100, val=20, test=1, seed=0)  # the quickstart's sample
+    sample_data.generate(ds, classes=10, train=100, val=20, test=2, seed=0)  # the quickstart's sample
     out = str(root / "lmdb")
-    data.make_lmdbs(ds, out, workers=2, splits=["train", "val"])
+    data.make_lmdbs(ds, out, workers=2)
     return out
 
 
@@ -101,6 +101,25 @@ def test_two_workers_share_a_file_study(repo, lmdb_dir, tmp_path):
     assert "| 1 | %d |" % ranked[0].number in report.stdout
     for png in ("history.png", "intermediate.png"):
         assert (root / "space" / png).stat().st_size > 1000
+    # The ensemble of the 2 best complete trials, their final snapshots, as the submission.
+    best = sorted((t for t in finished if t.state.name == "COMPLETE"), key=lambda t: (-t.value, t.number))[:2]
+    out = subprocess.run([sys.executable, "tools/make_submission.py", "--from-sweep", "space", "--top", "2",
+                          "--sweeps-root", str(root), "--lmdb", os.path.join(lmdb_dir, "test_lmdb"),
+                          "--val-lmdb", os.path.join(lmdb_dir, "val_lmdb"), "--gpu", "cpu",
+                          "--out", str(tmp_path / "submission.txt")], cwd=repo, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    used = [line.split()[-1] for line in out.stdout.splitlines() if line.startswith("val top-1") and "ensemble" not in line]
+    assert used == [os.path.join(t.user_attrs["run_dir"], "snapshots", "tiny_iter_100.caffemodel") for t in best]
+    models = [float(line.split()[2]) for line in out.stdout.splitlines() if line.startswith("val top-1") and
+              "ensemble" not in line]
+    finals = [json.load(open(os.path.join(t.user_attrs["run_dir"], "run.json")))["final"]["accuracy_top1"]
+              for t in best]
+    assert models == pytest.approx(finals, abs=1e-6)  # each final snapshot's val top-1, as Caffe tested it
+    assert len((tmp_path / "submission.txt").read_text().splitlines()) == 20
+    too_many = subprocess.run([sys.executable, "tools/make_submission.py", "--from-sweep", "space", "--top", "9",
+                               "--sweeps-root", str(root), "--lmdb", os.path.join(lmdb_dir, "test_lmdb"),
+                               "--out", str(tmp_path / "s2.txt")], cwd=repo, capture_output=True, text=True)
+    assert too_many.returncode == 1 and "fewer than --top 9" in too_many.stderr
 
 
 def worker_mid_trial(repo, space, root, **popen):

@@ -488,6 +488,33 @@ def report(name, root=None, storage=None, out=print):
     return rows
 
 
+def best_models(name, top, root=None, storage=None):
+    """(deploy.prototxt, final .caffemodel) of the `top` complete trials with the best val top-1,
+    best first: what make_submission.py --from-sweep averages."""
+    import glob
+
+    from optuna.trial import TrialState
+    sweep_dir = os.path.join(os.path.abspath(root) if root else repo_path(DEFAULT_ROOT), name)
+    if top < 1:
+        raise SweepError("--top must be >= 1, got %d" % top)
+    if not storage and not os.path.isfile(os.path.join(sweep_dir, JOURNAL)):
+        raise SweepError("no sweep '%s': %s has no %s" % (name, sweep_dir, JOURNAL))
+    study = open_study(name, make_storage(storage, sweep_dir))
+    complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
+                      key=lambda t: (-t.value, t.number))
+    if len(complete) < top:
+        raise SweepError("sweep '%s' has %d complete trial(s), fewer than --top %d" % (name, len(complete), top))
+    models = []
+    for t in complete[:top]:
+        run_dir = t.user_attrs["run_dir"]
+        weights = glob.glob(os.path.join(run_dir, "snapshots", "*_iter_*.caffemodel"))
+        deploy = os.path.join(run_dir, "deploy.prototxt")
+        if not weights or not os.path.isfile(deploy):
+            raise SweepError("trial %d: %s lacks deploy.prototxt or a final .caffemodel" % (t.number, run_dir))
+        models.append((deploy, max(weights, key=runs.snapshot_iteration)))
+    return models
+
+
 def _plots(study, sweep_dir):
     import warnings
 

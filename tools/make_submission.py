@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from tinycaffe import data, evaluate, fit, runs, submit  # noqa: E402
+from tinycaffe import data, evaluate, fit, runs, submit, sweep  # noqa: E402
 from tinycaffe.caffe_env import CaffeNotFound  # noqa: E402
 from tinycaffe.files import atomic_open  # noqa: E402
 
@@ -20,6 +20,12 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", nargs=2, action="append", metavar=("DEPLOY", "WEIGHTS"),
                    help="a model to average (repeat for an ensemble)")
+    p.add_argument("--from-sweep", metavar="NAME", default=None,
+                   help="average the --top best complete trials of sweep NAME (tools/sweep.py): their deploy.prototxt "
+                        "and final .caffemodel (default: use --model)")
+    p.add_argument("--top", type=int, default=3, help="with --from-sweep: how many trials (default 3)")
+    p.add_argument("--sweeps-root", default=None, help="with --from-sweep: where sweeps/<name>/ is (default sweeps/)")
+    p.add_argument("--storage", default=None, help="with --from-sweep: the study's RDB URL (default: its file journal)")
     p.add_argument("--weight", type=float, action="append",
                    help="weight of each --model in the average, in order (default: all equal)")
     evaluate.add_data_arguments(p, "test LMDB", evaluate.DEFAULT_TEST_LMDB)
@@ -122,6 +128,14 @@ def main(argv=None):
         names = submit.expected_names(args.lmdb)
         if args.validate:
             return validate(args, wnids, names)
+        if args.from_sweep:
+            if args.model:
+                return fail("give --model pairs or --from-sweep NAME, not both")
+            args.model = [list(pair) for pair in sweep.best_models(args.from_sweep, args.top, args.sweeps_root,
+                                                                   args.storage)]
+            print("ensemble of the %d best trials of sweep %s: %s"
+                  % (len(args.model), args.from_sweep, ", ".join(os.path.dirname(os.path.dirname(w))
+                                                                 for _, w in args.model)))
         if not args.model or not args.out:
             return fail("give --model DEPLOY WEIGHTS (one or more) and --out FILE, or --validate FILE")
         check_writable(args.out, "--out")
@@ -144,7 +158,8 @@ def main(argv=None):
         count = submit.write(args.out, test_names, [wnids[c] for c in pred.probs.argmax(1)], wnids)
         if args.top5_csv:
             write_top5(args.top5_csv, test_names, pred.probs, labels)
-    except (evaluate.EvalError, submit.SubmissionError, data.DataError, runs.RunError, CaffeNotFound) as exc:
+    except (evaluate.EvalError, submit.SubmissionError, data.DataError, runs.RunError, CaffeNotFound,
+            sweep.SweepError) as exc:
         return fail(str(exc))
     print("wrote %s: %d lines, %d model(s), tta %s, validated (%.0f images/s)%s%s"
           % (args.out, count, len(pairs), args.tta, count / max(pred.seconds, 1e-9),
