@@ -69,8 +69,30 @@ link_caffe() {
     || die "pycaffe does not import from $VENV (pth: $site/tinycaffe-pycaffe.pth)"
 }
 
+# Debian packages of the real servers the tests start and stop themselves: PostgreSQL (the
+# sweeps' RDB storage, tests/test_sweep.py). Without root they are not installed and that test
+# is skipped with the reason.
+SERVICE_PACKAGES=(postgresql)
+ensure_service_packages() {
+  command -v dpkg-query >/dev/null || return 0
+  local missing=() p
+  for p in "${SERVICE_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" -ne 0 ]; then
+    log "not root: ${missing[*]} not installed (the PostgreSQL sweep test will be skipped; as root: apt-get install -y ${missing[*]})"
+    return 0
+  fi
+  log "installing Debian packages for the tests' servers: ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  # (Debian may start the package's own cluster; the tests never use it: they start theirs in a temp folder.)
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
 main() {
   ensure_venv
+  ensure_service_packages
   ensure_python_deps
   "$REPO/scripts/install_caffe.sh" --python "$VENV/bin/python" "$@"
   link_caffe

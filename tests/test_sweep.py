@@ -209,3 +209,62 @@ def test_grid_needs_categorical_params_and_report_needs_a_study(repo, lmdb_dir, 
     out = subprocess.run([sys.executable, TOOL, "--report", "nothing", "--root", str(tmp_path)], cwd=repo,
                          capture_output=True, text=True)
     assert out.returncode == 1 and "no sweep 'nothing'" in out.stderr
+
+
+@pytest.fixture
+def postgres():
+    """A real PostgreSQL server (Debian's, installed by scripts/setup.sh) in a temp folder, on a
+    Unix socket only; stopped and removed afterwards. -> the SQLAlchemy URL of a fresh database."""
+    import glob
+    import pwd
+    import shutil
+    import tempfile
+    binaries = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not binaries or os.geteuid() != 0:
+        pytest.skip("needs Debian's postgresql package and root (to run the server as the postgres user)")
+    try:
+        user = pwd.getpwnam("postgres")
+    except KeyError:
+        pytest.skip("no postgres user (Debian's postgresql package creates it)")
+    bindir = os.path.dirname(binaries[-1])
+    home = tempfile.mkdtemp(prefix="tinycaffe-pg-")  # under /tmp: the postgres user can reach it
+    os.makedirs(os.path.join(home, "sock"))
+    for folder in (home, os.path.join(home, "sock")):
+        os.chown(folder, user.pw_uid, user.pw_gid)
+    as_postgres = ["runuser", "-u", "postgres", "--"]
+    data_dir, port = os.path.join(home, "data"), "55432"
+    subprocess.run(as_postgres + [os.path.join(bindir, "initdb"), "-D", data_dir, "-A", "trust", "-U", "postgres"],
+                   check=True, capture_output=True)
+    subprocess.run(as_postgres + [os.path.join(bindir, "pg_ctl"), "-D", data_dir, "-l", os.path.join(home, "log"),
+                                  "-w", "-o", "-k %s -p %s -c listen_addresses=''" % (os.path.join(home, "sock"), port),
+                                  "start"], check=True, capture_output=True)
+    try:
+        subprocess.run([os.path.join(bindir, "createdb"), "-h", os.path.join(home, "sock"), "-p", port, "-U", "postgres",
+                        "sweeps"], check=True, capture_output=True)
+        yield "postgresql+psycopg2://postgres@/sweeps?host=%s&port=%s" % (os.path.join(home, "sock"), port)
+    finally:
+        subprocess.run(as_postgres + [os.path.join(bindir, "pg_ctl"), "-D", data_dir, "-m", "fast", "stop"],
+                       capture_output=True)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_two_workers_on_a_postgresql_study(repo, lmdb_dir, tmp_path, postgres):
+    """--storage postgresql://...: Optuna's RDB storage on a real server, two workers at once."""
+    space, root = write_space(tmp_path, lmdb_dir), tmp_path / "sweeps"
+    command = sweep_command(space, root, 3, "--storage", postgres)
+    first = subprocess.Popen(command, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)
+    second = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600)
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0 and second.returncode == 0, (err[-2000:], second.stderr[-2000:])
+    assert not (root / "space" / sweep.JOURNAL).exists()  # the study is in PostgreSQL, not in a file
+    study = sweep.open_study("space", sweep.make_storage(postgres, str(root / "space")))
+    finished = [t for t in study.get_trials() if t.state.name in ("COMPLETE", "PRUNED")]
+    assert 3 <= len(finished) <= 4
+    assert len({t.user_attrs["worker"]["pid"] for t in finished}) == 2
+    for t in finished:
+        assert json.load(open(os.path.join(t.user_attrs["run_dir"], "run.json")))["status"] in ("finished", "pruned")
+    report = subprocess.run([sys.executable, TOOL, "--report", "space", "--root", str(root), "--storage", postgres],
+                            cwd=repo, capture_output=True, text=True)
+    assert report.returncode == 0 and report.stdout.count("| complete |") + report.stdout.count("| pruned |") == \
+        len(finished)
