@@ -49,7 +49,7 @@ def preset(name):
     return PRESETS[name]
 
 
-def _is_number(value):
+def finite_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -66,10 +66,10 @@ def read_basis(lmdb_dir):
         return None
     eigval = basis.get("eigval") if isinstance(basis, dict) else None
     eigvec = basis.get("eigvec") if isinstance(basis, dict) else None
-    if not (isinstance(eigval, list) and len(eigval) == 3 and all(_is_number(v) and v >= 0 for v in eigval)):
+    if not (isinstance(eigval, list) and len(eigval) == 3 and all(finite_number(v) and v >= 0 for v in eigval)):
         raise ValueError("%s: pca_bgr.eigval must be 3 finite numbers >= 0, got %r" % (path, eigval))
     if not (isinstance(eigvec, list) and len(eigvec) == 3 and
-            all(isinstance(row, list) and len(row) == 3 and all(_is_number(v) for v in row) for row in eigvec)):
+            all(isinstance(row, list) and len(row) == 3 and all(finite_number(v) for v in row) for row in eigvec)):
         raise ValueError("%s: pca_bgr.eigvec must be a 3x3 list of finite numbers (rows B, G, R), got %r"
                          % (path, eigvec))
     return dict(basis, source=path)

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 from google.protobuf import text_format
 
-from . import augment, nets, repo_path
+from . import REPO_ROOT, augment, fit, nets
 from .files import write_text
 from . import solver as solvers
 
@@ -48,7 +48,7 @@ def augmentation_for(cfg):
     chosen = augment.preset(cfg.augment)
     basis, note = None, ""
     if chosen.get("lighting"):
-        lmdb_dir = cfg.lmdb_dir if os.path.isabs(cfg.lmdb_dir) else repo_path(cfg.lmdb_dir)
+        lmdb_dir = fit.absolute(cfg.lmdb_dir, REPO_ROOT)
         basis = augment.read_basis(lmdb_dir)
         note = " (PCA basis of %s)" % (cfg.lmdb_dir + "/manifest.json" if basis else "ImageNet: no pca_bgr in "
                                        + cfg.lmdb_dir + "/manifest.json")

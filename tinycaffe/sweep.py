@@ -22,7 +22,7 @@ from google.protobuf import text_format
 
 from . import augment, caffelog, gen, nets, repo_path, runs, solver as solvers, train
 from .caffe_env import caffe_pb2
-from .files import write_text
+from .files import atomic_open, write_text
 
 # ---------------------------------------------------------------- defaults
 DEFAULT_ROOT = "sweeps"  # sweeps/<name>/: the journal, trial run dirs, the report
@@ -94,10 +94,7 @@ def load_space(path):
 
 
 # What each searchable value may be: (kind of value, check, what the check wants).
-def _number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
+_number = augment.finite_number
 VALUE_RULES = {
     "batch_size": ("int", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
     "crop": ("int", lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 64, "an integer 1..64"),
@@ -409,8 +406,9 @@ def run(space_path, name=None, trials=DEFAULT_TRIALS, gpu="cpu", storage=None, p
     """The command: one worker on the CPU or one GPU, one worker process per GPU for a list."""
     space = load_space(space_path)
     name = name or os.path.splitext(os.path.basename(space_path))[0]
-    sweep_dir = os.path.join(os.path.abspath(root) if root else repo_path(DEFAULT_ROOT), name)
-    make_pruner(pruner, space["pruner"]), make_sampler(sampler, space)  # bad choices fail before any work
+    sweep_dir = _sweep_dir(name, root)
+    make_pruner(pruner, space["pruner"])  # bad choices fail before any work
+    make_sampler(sampler, space)
     if trials < 1:
         raise SweepError("--trials must be >= 1, got %d" % trials)
     gpus = [] if gpu in (None, "cpu") else gpu.split(",")
@@ -445,12 +443,21 @@ def _run_workers(space_path, name, sweep_dir, trials, gpus, storage, pruner, sam
 
 
 # ---------------------------------------------------------------- the report
-def report(name, root=None, storage=None, out=print):
-    """Ranked Markdown table, CSV and PNGs of a study into sweeps/<name>/; -> the rows."""
-    sweep_dir = os.path.join(os.path.abspath(root) if root else repo_path(DEFAULT_ROOT), name)
+def _sweep_dir(name, root=None):
+    return os.path.join(os.path.abspath(root) if root else repo_path(DEFAULT_ROOT), name)
+
+
+def _existing_study(name, root, storage):
+    """(sweeps/<name>/, the study) of a sweep that was run: never an empty new one for a typo."""
+    sweep_dir = _sweep_dir(name, root)
     if not storage and not os.path.isfile(os.path.join(sweep_dir, JOURNAL)):
         raise SweepError("no sweep '%s': %s has no %s" % (name, sweep_dir, JOURNAL))
-    study = open_study(name, make_storage(storage, sweep_dir))
+    return sweep_dir, open_study(name, make_storage(storage, sweep_dir))
+
+
+def report(name, root=None, storage=None, out=print):
+    """Ranked Markdown table, CSV and PNGs of a study into sweeps/<name>/; -> the rows."""
+    sweep_dir, study = _existing_study(name, root, storage)
     rows = []
     for t in study.get_trials(deepcopy=False):
         final = t.user_attrs.get("final") or {}
@@ -474,14 +481,13 @@ def report(name, root=None, storage=None, out=print):
             r["status"], "%.0f" % r["wall_seconds"] if r["wall_seconds"] is not None else ""))
     table = "\n".join(lines) + "\n"
     write_text(os.path.join(sweep_dir, "report.md"), "# Sweep %s\n\n%s" % (name, table))
-    with open(os.path.join(sweep_dir, "report.csv.tmp"), "w", newline="") as f:
+    with atomic_open(os.path.join(sweep_dir, "report.csv"), newline="") as f:
         w = csv.writer(f)
         w.writerow(["rank", "trial", "params", "best_top1", "best_top5", "iterations", "status", "wall_seconds",
                     "run_dir"])
         for rank, r in enumerate(rows, 1):
             w.writerow([rank, r["trial"], json.dumps(r["params"], sort_keys=True), r["best_top1"], r["best_top5"],
                         r["iterations"], r["status"], r["wall_seconds"], r["run_dir"]])
-    os.replace(os.path.join(sweep_dir, "report.csv.tmp"), os.path.join(sweep_dir, "report.csv"))
     out(table)
     for png in _plots(study, sweep_dir):
         out("wrote " + png)
@@ -494,12 +500,9 @@ def best_models(name, top, root=None, storage=None):
     import glob
 
     from optuna.trial import TrialState
-    sweep_dir = os.path.join(os.path.abspath(root) if root else repo_path(DEFAULT_ROOT), name)
     if top < 1:
         raise SweepError("--top must be >= 1, got %d" % top)
-    if not storage and not os.path.isfile(os.path.join(sweep_dir, JOURNAL)):
-        raise SweepError("no sweep '%s': %s has no %s" % (name, sweep_dir, JOURNAL))
-    study = open_study(name, make_storage(storage, sweep_dir))
+    _, study = _existing_study(name, root, storage)
     complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
                       key=lambda t: (-t.value, t.number))
     if len(complete) < top:
