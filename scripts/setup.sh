@@ -70,9 +70,10 @@ link_caffe() {
 }
 
 # Debian packages of the real servers the tests start and stop themselves: PostgreSQL (the
-# sweeps' RDB storage, tests/test_sweep.py). Without root they are not installed and that test
-# is skipped with the reason.
-SERVICE_PACKAGES=(postgresql)
+# sweeps' RDB storage, tests/test_sweep.py), and munge + Slurm (a one-node cluster that runs
+# scripts/sweep_slurm.sh's job arrays, tests/test_slurm.py). Without root they are not
+# installed and those tests are skipped with the reason.
+SERVICE_PACKAGES=(postgresql munge slurmctld slurmd slurm-client)
 ensure_service_packages() {
   command -v dpkg-query >/dev/null || return 0
   local missing=() p
@@ -81,12 +82,13 @@ ensure_service_packages() {
   done
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$(id -u)" -ne 0 ]; then
-    log "not root: ${missing[*]} not installed (the PostgreSQL sweep test will be skipped; as root: apt-get install -y ${missing[*]})"
+    log "not root: ${missing[*]} not installed (the PostgreSQL and Slurm sweep tests will be skipped; as root: apt-get install -y ${missing[*]})"
     return 0
   fi
   log "installing Debian packages for the tests' servers: ${missing[*]}"
   DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  # (Debian may start the package's own cluster; the tests never use it: they start theirs in a temp folder.)
+  # (Debian may start the packages' own PostgreSQL cluster, munged and Slurm daemons; the tests never
+  # use them: they start theirs in a temp folder, on their own socket and ports.)
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 

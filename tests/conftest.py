@@ -36,6 +36,23 @@ def small_sample(tmp_path_factory):
     return out, summary
 
 
+def make_sample_lmdbs(root, train=100, seed=0):
+    """10 classes x (train, 20 val, 2 test) sample images as LMDBs in root/lmdb; -> that path."""
+    from tinycaffe import data
+    ds = str(root / "tiny-imagenet-200")
+    sample_data.generate(ds, classes=10, train=train, val=20, test=2, seed=seed)
+    out = str(root / "lmdb")
+    data.make_lmdbs(ds, out, workers=2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lmdb_dir(tmp_path_factory):
+    """The quickstart's sample (100 train / 20 val images per class) as LMDBs, once per module
+    that asks (the sweep and Slurm tests); modules with other needs define their own."""
+    return make_sample_lmdbs(tmp_path_factory.mktemp("lmdb"))
+
+
 DUMMY_TRAIN_NET = """
 layer { name: "data" type: "DummyData" top: "data" top: "label"
   dummy_data_param { shape { dim: 8 dim: 3 dim: 8 dim: 8 } shape { dim: 8 }

@@ -9,19 +9,9 @@ import time
 
 import pytest
 
-from tinycaffe import data, sample_data, sweep
+from tinycaffe import sweep
 
 TOOL = "tools/sweep.py"
-
-
-@pytest.fixture(scope="module")
-def lmdb_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sweep")
-    ds = str(root / "tiny-imagenet-200")
-    sample_data.generate(ds, classes=10, train=100, val=20, test=2, seed=0)  # the quickstart's sample
-    out = str(root / "lmdb")
-    data.make_lmdbs(ds, out, workers=2)
-    return out
 
 
 def write_space(folder, lmdb, **extra):

@@ -15,18 +15,14 @@ import pytest
 from google.protobuf import text_format
 from PIL import Image
 
-from tinycaffe import caffelog, data, gen, runs, sample_data, train
+from conftest import make_sample_lmdbs
+from tinycaffe import caffelog, data, gen, runs, train
 from tinycaffe.caffe_env import caffe_pb2
 
 
 @pytest.fixture(scope="module")
 def lmdb_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    ds = str(root / "tiny-imagenet-200")
-    sample_data.generate(ds, classes=10, train=60, val=20, test=2, seed=4)
-    out = str(root / "lmdb")
-    data.make_lmdbs(ds, out, workers=2)
-    return out
+    return make_sample_lmdbs(tmp_path_factory.mktemp("train"), train=60, seed=4)
 
 
 def make_solver(lmdb_dir, folder, **overrides):

@@ -352,10 +352,25 @@ def finished(study):
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
 
 
+def _stop_between_trials(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM outside a trial's training stops the worker as Ctrl-C does
+
+
 def work(space, name, sweep_dir, trials, gpu, storage_url, pruner, sampler):
     """One worker: ask, train, tell, until the study holds `trials` finished trials (several
     workers may together overshoot by the trials still running when it is reached).
-    -> (trials this worker told, exit status: 0, 1 after repeated failures, 130 on a signal)."""
+    -> (trials this worker told, exit status: 0, 1 after repeated failures, 130 on a signal
+    during a trial). A signal between trials (Slurm's time limit may come at any moment) raises
+    KeyboardInterrupt, like Ctrl-C: without this SIGTERM would kill the worker silently there."""
+    import signal
+    previous = signal.signal(signal.SIGTERM, _stop_between_trials)
+    try:
+        return _work(space, name, sweep_dir, trials, gpu, storage_url, pruner, sampler)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _work(space, name, sweep_dir, trials, gpu, storage_url, pruner, sampler):
     import optuna
     from optuna.trial import TrialState
     storage = make_storage(storage_url, sweep_dir)
@@ -368,6 +383,9 @@ def work(space, name, sweep_dir, trials, gpu, storage_url, pruner, sampler):
         trial = study.ask()
         try:
             value = run_trial(trial, space, sweep_dir, gpu)
+        except KeyboardInterrupt:  # before or after its training: the asked trial is no result
+            _tell(study, trial, state=TrialState.FAIL)
+            raise
         except optuna.TrialPruned:
             grid_done, failures = _tell(study, trial, state=TrialState.PRUNED), 0
         except Interrupted as exc:
@@ -570,6 +588,9 @@ def _worker_main(argv):
     except (SweepError, runs.RunError, ValueError) as exc:
         print("sweep worker (gpu %s): error: %s" % (a.gpu, exc), file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("sweep worker (gpu %s): stopped by a signal between trials" % a.gpu, file=sys.stderr)
+        return 130
     return status
 
 

@@ -51,7 +51,8 @@ def main(argv=None):
         print("sweep.py: error: %s" % str(exc).strip("'\""), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("sweep.py: interrupted between trials; run the same command to continue the study", file=sys.stderr)
+        print("sweep.py: stopped by a signal between trials (Ctrl-C or SIGTERM); run the same command to continue "
+              "the study", file=sys.stderr)
         return 130
     name = args.name or os.path.splitext(os.path.basename(args.space))[0]
     if status == 0:

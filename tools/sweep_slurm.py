@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""A sweep on a Slurm cluster: writes sweeps/<name>/slurm_job.sh, a job array whose every task
+is one tools/sweep.py worker on one GPU (or on its --cpus-per-task CPUs) against the study's
+shared storage, and with --submit submits it (sbatch). The task's output goes to
+sweeps/<name>/slurm-<job>_<task>.out. Near the time limit (--stop-before) each worker gets
+SIGTERM: its trial stops with a snapshot and is not counted; submitting again continues the
+study. Prints the job id with --submit, else the script's path. The ranked table afterwards:
+tools/sweep.py --report NAME."""
+import argparse
+import os
+import shlex
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tinycaffe import runs, slurm, sweep  # noqa: E402
+
+
+def build_parser(prog=None):
+    p = argparse.ArgumentParser(prog=prog, description=__doc__)
+    p.add_argument("space", metavar="SPACE", help="the search space, YAML or JSON (see sweeps/example.yaml)")
+    p.add_argument("--name", default=None, help="study and job name (default: SPACE's file name without extension)")
+    p.add_argument("--tasks", type=int, default=slurm.DEFAULT_TASKS,
+                   help="array tasks, i.e. workers (default %d)" % slurm.DEFAULT_TASKS)
+    p.add_argument("--max-running", type=int, default=slurm.DEFAULT_MAX_RUNNING,
+                   help="at most this many tasks at once, the array's %%M (default: no limit)")
+    p.add_argument("--trials", type=int, default=sweep.DEFAULT_TRIALS,
+                   help="finished (complete or pruned) trials the study aims at, all workers together (default %d)"
+                        % sweep.DEFAULT_TRIALS)
+    p.add_argument("--storage", default=None,
+                   help="an Optuna RDB URL every node reaches (postgresql://...) (default: the file journal in "
+                        "sweeps/<name>/, which must then be on a filesystem all nodes share, e.g. NFS)")
+    p.add_argument("--pruner", default=sweep.DEFAULT_PRUNER,
+                   help="%s (default %s)" % (" | ".join(sweep.PRUNERS), sweep.DEFAULT_PRUNER))
+    p.add_argument("--sampler", default=sweep.DEFAULT_SAMPLER,
+                   help="%s (default %s)" % (" | ".join(sweep.SAMPLERS), sweep.DEFAULT_SAMPLER))
+    p.add_argument("--root", default=None,
+                   help="where sweeps/<name>/ folders go, on the shared filesystem (default sweeps/ in the repo)")
+    p.add_argument("--device", default=slurm.DEFAULT_DEVICE,
+                   help="gpu: each task asks --gres=gpu:1 and trains on it; cpu: no GPU, Caffe on the task's CPUs "
+                        "(default %s)" % slurm.DEFAULT_DEVICE)
+    p.add_argument("--cpus-per-task", type=int, default=slurm.DEFAULT_CPUS_PER_TASK,
+                   help="CPUs of each task (default %d)" % slurm.DEFAULT_CPUS_PER_TASK)
+    p.add_argument("--mem", default=None, help="memory of each task, e.g. 16G (default: the partition's)")
+    p.add_argument("--time", default=None,
+                   help="time limit of each task, Slurm's form: minutes, H:M:S, D-H:M:S (default: the partition's)")
+    p.add_argument("--partition", default=None, help="Slurm partition (default: the cluster's default)")
+    p.add_argument("--account", default=None, help="Slurm account (default: yours)")
+    p.add_argument("--stop-before", type=int, default=slurm.DEFAULT_STOP_BEFORE,
+                   help="seconds before the time limit that a worker gets SIGTERM and snapshots its trial; Slurm "
+                        "may send it up to a minute earlier (default %d)" % slurm.DEFAULT_STOP_BEFORE)
+    p.add_argument("--sbatch-arg", metavar="ARG", action="append", default=[],
+                   help="an extra sbatch option, given with '=' as it starts with a dash: --sbatch-arg=--constraint=a100; "
+                        "repeatable (default: none)")
+    p.add_argument("--submit", action="store_true", help="submit the array with sbatch (default: only write it)")
+    return p
+
+
+def main(argv=None, prog=None):
+    argv = sys.argv[1:] if argv is None else argv
+    prog = prog or os.path.basename(sys.argv[0]) or "sweep_slurm.py"
+    args = build_parser(prog).parse_args(argv)
+    try:
+        path = slurm.write(args.space, args.name, args.root, args.tasks, args.max_running, args.trials,
+                           args.storage, args.pruner, args.sampler, args.device, args.cpus_per_task, args.mem,
+                           args.time, args.partition, args.account, args.stop_before, args.sbatch_arg,
+                           command=" ".join(shlex.quote(a) for a in [prog] + list(argv)))
+        job = slurm.submit(path) if args.submit else None
+    except (sweep.SweepError, runs.RunError, ValueError) as exc:
+        print("%s: error: %s" % (prog, str(exc).strip("'\"")), file=sys.stderr)
+        return 1
+    sweep_dir, name = os.path.dirname(path), os.path.basename(os.path.dirname(path))
+    if job is None:
+        print("[sweep_slurm] wrote %s; submit it with: sbatch %s" % (path, shlex.quote(path)), file=sys.stderr)
+        print(path)
+        return 0
+    print("[sweep_slurm] submitted job %d (%d task(s)); watch: squeue -j %d; logs: %s/slurm-%d_*.out; the table: "
+          "tools/sweep.py --report %s%s%s" % (job, args.tasks, job, sweep_dir, job, name,
+                                             " --root %s" % shlex.quote(args.root) if args.root else "",
+                                             " --storage %s" % shlex.quote(args.storage) if args.storage else ""),
+          file=sys.stderr)
+    print(job)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
