@@ -4,11 +4,13 @@
 #
 #   scripts/sweep_slurm.sh SPACE [--tasks 4] [--time 24:00:00] [--storage postgresql://...] [--submit]
 #
-# Writes sweeps/<name>/slurm_job.sh (run it yourself with sbatch, or pass --submit); the repo,
-# its .venv and sweeps/ must be on a filesystem every node sees. Each worker gets SIGTERM
-# --stop-before seconds (default 120) before the time limit and snapshots its trial; the same
-# command again continues the study. Paths you type are relative to where you are. See
-# `.venv/bin/python tools/sweep_slurm.py --help` for every flag.
+# Writes sweeps/<name>/slurm_job.sh and the copy of SPACE its tasks read, sweeps/<name>/space.<ext>
+# (run it yourself with sbatch, or pass --submit). Every node must see the repo and its .venv,
+# sweeps/<name>/, the space's lmdb_dir and the Caffe install ($TINYCAFFE_HOME, default
+# ~/.cache/tinycaffe). Each worker gets SIGTERM --stop-before seconds (default 120) before the
+# time limit and snapshots its trial, which is marked failed and not resumed: the same command
+# again continues the study with new trials, so --time must exceed one trial. Paths you type
+# are relative to where you are. See `.venv/bin/python tools/sweep_slurm.py --help` for every flag.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 [ -x "$REPO/.venv/bin/python" ] || { echo "sweep_slurm.sh: error: no $REPO/.venv; run scripts/setup.sh first" >&2; exit 1; }

@@ -8,6 +8,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -62,19 +63,20 @@ def test_cpu_job_script_runs_sweep_py_with_absolute_paths(repo, lmdb_dir, tmp_pa
     space = slurm_space(tmp_path, lmdb_dir)
     monkeypatch.chdir(tmp_path)  # relative paths are the caller's, made absolute in the script
     out = sweep_slurm(repo, "space.json", "--name", "lr", "--tasks", "3", "--max-running", "2", "--trials", "7",
-                      "--device", "cpu", "--cpus-per-task", "2", "--mem", "8G", "--time", "2-00:00:00",
+                      "--device", "cpu", "--cpus-per-task", "2", "--mem", "8g", "--time", "2-00:00:00",
                       "--partition", "short", "--account", "lab", "--stop-before", "300",
                       "--sbatch-arg=--constraint=avx2", "--sbatch-arg=--requeue", "--root", "sw",
                       "--pruner", "threshold", "--sampler", "random")
     assert out.returncode == 0, out.stderr
     path = str(tmp_path / "sw" / "lr" / "slurm_job.sh")
     assert out.stdout.strip() == path and "submit it with: sbatch %s" % path in out.stderr
-    assert os.access(path, os.X_OK) and not os.path.exists(path + ".tmp")
+    assert not os.path.exists(path + ".tmp")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o700  # a --storage password is in it: the owner's only
     text = open(path).read()
     assert text.startswith("#!/bin/bash\n")
     assert sbatch_lines(text) == [
         "--job-name=sweep-lr", "--array=0-2%2", "--output=%s/slurm-%%A_%%a.out" % (tmp_path / "sw" / "lr"),
-        "--open-mode=append", "--ntasks=1", "--cpus-per-task=2", "--mem=8G", "--time=2-00:00:00",
+        "--open-mode=append", "--ntasks=1", "--cpus-per-task=2", "--mem=8g", "--time=2-00:00:00",
         "--partition=short", "--account=lab", "--signal=B:TERM@300", "--constraint=avx2", "--requeue"]
     # sbatch reads #SBATCH lines only before the first command
     first_command = min(i for i, line in enumerate(text.splitlines()) if line and not line.startswith("#"))
@@ -83,11 +85,14 @@ def test_cpu_job_script_runs_sweep_py_with_absolute_paths(repo, lmdb_dir, tmp_pa
     assert 'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}" OPENBLAS_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"' \
         in text
     assert "\ncd %s\n" % repo in text
+    assert "--gpu 0" not in text  # the comment on CUDA_VISIBLE_DEVICES is for GPU jobs
     argv = worker_argv(text)
     assert argv[:2] == [os.path.join(repo, ".venv", "bin", "python"), os.path.join(repo, "tools", "sweep.py")]
     args = sweep_tool(repo).build_parser().parse_args(argv[2:])  # a command line tools/sweep.py accepts
+    copy = str(tmp_path / "sw" / "lr" / "space.json")  # the array's space, fixed at writing
     assert (args.space, args.name, args.trials, args.gpu, args.pruner, args.sampler, args.root, args.storage) == \
-        (space, "lr", 7, "cpu", "threshold", "random", str(tmp_path / "sw"), None)
+        (copy, "lr", 7, "cpu", "threshold", "random", str(tmp_path / "sw"), None)
+    assert open(copy).read() == open(space).read() and not os.path.exists(copy + ".tmp")
 
 
 def test_gpu_job_script_asks_one_gpu_per_task_and_passes_the_storage(repo, lmdb_dir, tmp_path):
@@ -99,6 +104,9 @@ def test_gpu_job_script_asks_one_gpu_per_task_and_passes_the_storage(repo, lmdb_
         "--job-name=sweep-space", "--array=0-7", "--output=%s/slurm-%%A_%%a.out" % (tmp_path / "sweeps" / "space"),
         "--open-mode=append", "--ntasks=1", "--cpus-per-task=%d" % slurm.DEFAULT_CPUS_PER_TASK, "--gres=gpu:1",
         "--time=90", "--signal=B:TERM@%d" % slurm.DEFAULT_STOP_BEFORE]
+    assert "# --gpu 0: Slurm's CUDA_VISIBLE_DEVICES shows the worker only the GPU it allocated" in text
+    typed = slurm.job_script(space, "space", str(tmp_path / "sweeps" / "space"), gpu_type="a100", repo=repo)
+    assert "--gres=gpu:a100:1" in sbatch_lines(typed) and "--gres=gpu:1" not in sbatch_lines(typed)
     argv = worker_argv(text)
     assert argv[argv.index("--gpu") + 1] == "0"  # Slurm's CUDA_VISIBLE_DEVICES makes the allocated GPU number 0
     assert argv[argv.index("--storage") + 1] == url
@@ -127,9 +135,35 @@ def test_slurm_time_forms(value, seconds):
     (["SPACE", "--time", "2h"], "--time '2h': expected a Slurm time: minutes, M:S, H:M:S"),
     (["SPACE", "--time", "2", "--stop-before", "120"], "--time 2 (120 s) leaves no training before the "
                                                         "--stop-before 120 s signal"),
-    (["SPACE", "--mem", "8GB"], "--mem '8GB': expected a size such as 16G"),
-    (["SPACE", "--name", "my sweep"], "--name 'my sweep': expected letters, digits"),
+    (["SPACE", "--mem", "8GB"], "--mem '8GB': expected a size in MB (16000) or with a unit K, M, G or T"),
+    (["SPACE", "--name", "my sweep"], "--name 'my sweep': expected a letter or digit, then letters, digits"),
+    (["SPACE", "--name", ".."], "--name '..': expected a letter or digit, then"),  # it would be --root's parent
+    (["SPACE", "--name", "."], "--name '.': expected a letter or digit, then"),
+    (["SPACE", "--name=-x"], "--name '-x': expected a letter or digit, then"),  # tools/sweep.py: an option
+    (["SPACE", "--storage", "db.example.org/sweeps"], "--storage 'db.example.org/sweeps': expected a database URL"),
+    (["SPACE", "--storage", "nosuchdb://u:secret@h/db"], "--storage 'nosuchdb://u:***@h/db': expected a database URL"),
+    (["SPACE", "--storage", "mysql+mysqldb://u:secret@h/db"], "--storage 'mysql+mysqldb://u:***@h/db': its driver "
+                                                               "is not installed in this .venv"),
+    (["SPACE", "--storage", "sqlite:///study.db"], "--storage 'sqlite:///study.db': a relative SQLite path"),
+    (["SPACE", "--storage", "sqlite://"], "--storage 'sqlite://': an in-memory SQLite database"),
+    (["SPACE", "--gpu-type", "a100"], "--gpu-type a100 needs --device gpu"),
     (["SPACE", "--sbatch-arg", "constraint=a100"], "--sbatch-arg 'constraint=a100': expected one sbatch option"),
+    (["SPACE", "--sbatch-arg=--array=0-99"], "--sbatch-arg '--array=0-99': --array is written by sweep_slurm"),
+    (["SPACE", "--sbatch-arg=--arr=0-99"], "--sbatch-arg '--arr=0-99': --array is written by sweep_slurm"),
+    (["SPACE", "--sbatch-arg=-a 0-99"], "--sbatch-arg '-a 0-99': --array is written by sweep_slurm"),
+    (["SPACE", "--sbatch-arg=--output=/tmp/x"], "--sbatch-arg '--output=/tmp/x': --output is written by"),
+    (["SPACE", "--sbatch-arg=-o/tmp/x"], "--sbatch-arg '-o/tmp/x': --output is written by"),
+    (["SPACE", "--sbatch-arg=--error=/tmp/x"], "--sbatch-arg '--error=/tmp/x': --error is written by"),
+    (["SPACE", "--sbatch-arg=--signal=USR1@60"], "--sbatch-arg '--signal=USR1@60': --signal is written by"),
+    (["SPACE", "--sbatch-arg=--open-mode=truncate"], "'--open-mode=truncate': --open-mode is written by"),
+    (["SPACE", "--sbatch-arg=--export=NONE"], "--sbatch-arg '--export=NONE': --export is written by"),
+    (["SPACE", "--sbatch-arg=--wrap=true"], "--sbatch-arg '--wrap=true': --wrap is written by"),
+    (["SPACE", "--sbatch-arg=--ntasks=2"], "--sbatch-arg '--ntasks=2': --ntasks is written by"),
+    (["SPACE", "--sbatch-arg=-n2"], "--sbatch-arg '-n2': --ntasks is written by"),
+    (["SPACE", "--sbatch-arg=--comment=x --array=1"], "'--comment=x --array=1': --array is written by"),
+    (["SPACE", "--sbatch-arg=--gres=gpu:1"], "--sbatch-arg '--gres=gpu:1': a GPU option, but --device cpu"),
+    (["SPACE", "--sbatch-arg=--gpus-per-task=1"], "--sbatch-arg '--gpus-per-task=1': a GPU option, but --device"),
+    (["SPACE", "--sbatch-arg=-G1"], "--sbatch-arg '-G1': a GPU option, but --device cpu"),
     (["SPACE", "--partition", "gpu;rm"], "--partition 'gpu;rm': expected a Slurm name"),
     (["BAD_SPACE"], "params.lr: not a searchable value"),
 ])
@@ -143,6 +177,109 @@ def test_bad_input_is_one_line_and_writes_nothing(repo, lmdb_dir, tmp_path, args
     assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert out.stderr.startswith("sweep_slurm.sh: error: ") and needle in out.stderr, out.stderr
     assert not (tmp_path / "sweeps").exists() and out.stdout == ""  # not even the sweep's folder
+    assert "secret" not in out.stderr  # a password is never printed
+
+
+def test_a_name_from_the_file_name_is_checked_and_says_so(repo, lmdb_dir, tmp_path):
+    spaces = tmp_path / "spaces"
+    spaces.mkdir()
+    os.rename(slurm_space(spaces, lmdb_dir), str(spaces / "my space.json"))
+    out = sweep_slurm(repo, spaces / "my space.json", "--device", "cpu", "--root", tmp_path / "sweeps")
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "the study name 'my space' comes from the file name 'my space.json' (no --name): expected a letter or " \
+           "digit, then" in out.stderr and "give --name" in out.stderr, out.stderr
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_write_errors_are_one_line_naming_the_path_and_leave_nothing(repo, lmdb_dir, tmp_path):
+    space = slurm_space(tmp_path, lmdb_dir)
+    (tmp_path / "a_file").write_text("")
+    out = sweep_slurm(repo, space, "--device", "cpu", "--root", tmp_path / "a_file")  # --root is a file
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert out.stderr.startswith("sweep_slurm.sh: error: %s: " % (tmp_path / "a_file" / "space")), out.stderr
+    assert "Not a directory" in out.stderr and (tmp_path / "a_file").is_file()
+    job = tmp_path / "sweeps" / "space" / "slurm_job.sh"
+    job.mkdir(parents=True)  # where the script goes is a folder: the rename into place fails
+    out = sweep_slurm(repo, space, "--device", "cpu", "--root", tmp_path / "sweeps")
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert out.stderr.startswith("sweep_slurm.sh: error: %s: " % job) and "Is a directory" in out.stderr, out.stderr
+    assert sorted(os.listdir(job.parent)) == ["slurm_job.sh"]  # no slurm_job.sh.tmp, no space.json
+
+
+def test_the_space_is_copied_and_a_study_keeps_one_space(repo, lmdb_dir, tmp_path):
+    """The array's space is the copy beside the job script: editing SPACE later changes nothing
+    for a submitted array; another space under the same name is refused."""
+    space, root = slurm_space(tmp_path, lmdb_dir), tmp_path / "sweeps"
+    assert sweep_slurm(repo, space, "--device", "cpu", "--root", root).returncode == 0
+    copy, job = root / "space" / "space.json", root / "space" / "slurm_job.sh"
+    assert copy.read_text() == open(space).read() and worker_argv(job.read_text())[2] == str(copy)
+    again = sweep_slurm(repo, space, "--device", "cpu", "--root", root, "--tasks", "2")  # the same space: fine
+    assert again.returncode == 0, again.stderr
+    written = job.read_text()
+    with open(space, "w") as f:
+        f.write(copy.read_text().replace("0.0005", "0.005"))
+    out = sweep_slurm(repo, space, "--device", "cpu", "--root", root, "--tasks", "3")
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "study 'space' already has a different space, %s" % copy in out.stderr and "--name" in out.stderr
+    assert job.read_text() == written and "0.005" not in copy.read_text()  # nothing rewritten
+
+
+def test_the_copy_finds_an_lmdb_dir_given_relative_to_the_space_file(repo, lmdb_dir, tmp_path):
+    """lmdb_dir relative to SPACE's folder would not resolve from sweeps/<name>/: the copy has it absolute."""
+    spaces = tmp_path / "spaces"
+    spaces.mkdir()
+    os.symlink(lmdb_dir, str(spaces / "lmdb_here"))
+    space = write_space(spaces, "lmdb_here")
+    out = sweep_slurm(repo, space, "--device", "cpu", "--root", tmp_path / "sweeps")
+    assert out.returncode == 0, out.stderr
+    copy = str(tmp_path / "sweeps" / "space" / "space.json")
+    assert sweep.load_space(copy)["lmdb_dir"] == sweep.load_space(space)["lmdb_dir"] == str(spaces / "lmdb_here")
+    assert json.load(open(copy))["lmdb_dir"] == str(spaces / "lmdb_here")
+
+
+def fake_sbatch(folder, body):
+    """An sbatch that runs body (sh): on PATH before the real one."""
+    folder.mkdir()
+    path = folder / "sbatch"
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(0o755)
+    return dict(os.environ, PATH="%s:%s" % (folder, os.environ.get("PATH", "")))
+
+
+def test_a_storage_password_is_in_the_private_script_only(repo, lmdb_dir, tmp_path):
+    space = slurm_space(tmp_path, lmdb_dir)
+    url = "postgresql+psycopg2://sweeper:secret@db.cluster/sweeps"
+    env = fake_sbatch(tmp_path / "bin", "echo 4242")
+    out = sweep_slurm(repo, space, "--device", "cpu", "--root", tmp_path / "sweeps", "--storage", url, "--submit",
+                      env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "4242", out.stderr
+    assert "secret" not in out.stderr and "--storage 'postgresql+psycopg2://sweeper:***@db.cluster/sweeps'" \
+        in out.stderr, out.stderr
+    job = tmp_path / "sweeps" / "space" / "slurm_job.sh"
+    argv = worker_argv(job.read_text())
+    assert argv[argv.index("--storage") + 1] == url  # the workers need it
+    assert stat.S_IMODE(job.stat().st_mode) == 0o700
+
+
+def test_sbatch_refusing_or_hanging_says_the_script_is_written(repo, lmdb_dir, tmp_path, monkeypatch):
+    space = slurm_space(tmp_path, lmdb_dir)
+    env = fake_sbatch(tmp_path / "bin", "echo 'sbatch: error: Invalid account or account/partition combination' >&2"
+                                        "; exit 1")
+    out = sweep_slurm(repo, space, "--device", "cpu", "--root", tmp_path / "sweeps", "--submit", env=env)
+    job = tmp_path / "sweeps" / "space" / "slurm_job.sh"
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "sbatch %s failed (exit 1): sbatch: error: Invalid account or account/partition combination; the job " \
+           "script is written: fix that and submit it with: sbatch %s" % (job, job) in out.stderr, out.stderr
+    assert job.is_file()
+    fake_sbatch(tmp_path / "slow", "exec sleep 30")
+    monkeypatch.setenv("PATH", "%s:%s" % (tmp_path / "slow", os.environ.get("PATH", "")))
+    monkeypatch.setattr(slurm, "SBATCH_TIMEOUT", 1)
+    started = time.time()
+    with pytest.raises(slurm.SlurmError) as raised:
+        slurm.submit(str(job))
+    assert time.time() - started < 10
+    assert str(raised.value) == ("sbatch %s: no answer in 1 s (is slurmctld reachable?); the job script is written: "
+                                 "see squeue whether it was queued, else submit it with: sbatch %s" % (job, job))
 
 
 def test_gpu_on_a_cpu_only_build_and_submit_without_sbatch(repo, lmdb_dir, tmp_path):

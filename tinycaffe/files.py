@@ -17,11 +17,11 @@ def atomic_open(path, mode="w", **kwargs):
     try:
         with open(tmp, mode, **kwargs) as f:
             yield f
+        os.replace(tmp, path)  # in the try: a failed rename (path is a folder, ...) leaves no .tmp either
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    os.replace(tmp, path)
 
 
 def write_text(path, text):

@@ -74,10 +74,7 @@ def load_space(path):
         raise SweepError("%s: params must be a mapping of name -> {type, ...}" % path)
     for name, spec in params.items():
         _check_param(path, name, spec)
-    lmdb_dir = space.get("lmdb_dir", gen.DEFAULT_LMDB_DIR)
-    base = os.path.dirname(os.path.abspath(path))
-    lmdb_dir = lmdb_dir if os.path.isabs(lmdb_dir) else (
-        os.path.join(base, lmdb_dir) if os.path.isdir(os.path.join(base, lmdb_dir)) else repo_path(lmdb_dir))
+    lmdb_dir = resolve_lmdb_dir(space.get("lmdb_dir", gen.DEFAULT_LMDB_DIR), path)
     if not os.path.isfile(os.path.join(lmdb_dir, "manifest.json")):
         raise SweepError("%s: lmdb_dir %s has no manifest.json (run tools/make_lmdb.py first)" % (path, lmdb_dir))
     loaded = {"variants": list(variants), "lmdb_dir": lmdb_dir, "budget": budget, "params": params,
@@ -91,6 +88,14 @@ def load_space(path):
         except TypeError as exc:
             raise SweepError("%s: pruner.%s: %s" % (path, name, exc))
     return loaded
+
+
+def resolve_lmdb_dir(lmdb_dir, space_path):
+    """A space's lmdb_dir made absolute: relative to the space file's folder where it is there, else to the repo."""
+    if os.path.isabs(lmdb_dir):
+        return lmdb_dir
+    beside = os.path.join(os.path.dirname(os.path.abspath(space_path)), lmdb_dir)
+    return beside if os.path.isdir(beside) else repo_path(lmdb_dir)
 
 
 # What each searchable value may be: (kind of value, check, what the check wants).
