@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What the data path costs in training, and which OpenBLAS thread count trains faster.
 
-For each variant and each OPENBLAS_NUM_THREADS value, in one run:
+For each variant and each thread count (OPENBLAS_NUM_THREADS = OMP_NUM_THREADS), in one run:
   (a) `caffe time`: forward-backward of the net with DummyData (compute only), images/s;
   (b) a short `caffe train` reading the real LMDB (Data layer, crop, mirror, mean), images/s
       between its first and last logged iteration (start-up excluded);
@@ -52,7 +52,9 @@ def prepare(variant, lmdb_dir, batch, iters, folder):
 
 
 def env_for(threads):
-    return dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), GLOG_logtostderr="1", GLOG_minloglevel="0")
+    # OMP_NUM_THREADS too: the CPU build runs its layers on OpenMP threads (patch 0011)
+    return dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads), GLOG_logtostderr="1",
+                GLOG_minloglevel="0")
 
 
 def time_compute(model, iters, batch, threads):
@@ -86,7 +88,7 @@ def main(argv=None):
         sys.exit("bench_train.py: error: %s has no LMDBs; run scripts/quickstart.sh or tools/make_lmdb.py" % args.lmdb_dir)
     print("%d cores, batch %d, %d iterations, LMDBs in %s" % (os.cpu_count(), args.batch, args.iters, args.lmdb_dir))
     print()
-    print("| variant | OPENBLAS_NUM_THREADS | caffe time (compute only) | caffe train (LMDB) | train / compute |")
+    print("| variant | threads | caffe time (compute only) | caffe train (LMDB) | train / compute |")
     print("|---|---:|---:|---:|---:|")
     for variant in args.variants.split(","):
         with tempfile.TemporaryDirectory() as folder:

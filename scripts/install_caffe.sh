@@ -40,7 +40,13 @@ TINYCAFFE_HOME="${TINYCAFFE_HOME:-$HOME/.cache/tinycaffe}"
 BUILD_DEPS=(cmake g++ make patch dpkg-dev pkg-config debian-archive-keyring
   libboost-system-dev libboost-thread-dev libboost-filesystem-dev libboost-python-dev
   libgoogle-glog-dev libgflags-dev libprotobuf-dev protobuf-compiler
-  libhdf5-dev liblmdb-dev libsnappy-dev libopenblas-dev)
+  libhdf5-dev liblmdb-dev libsnappy-dev libopenblas-dev
+  libopenblas0-openmp)
+# The CPU flavour links OpenBLAS's OpenMP build, by path (RUNPATH points libcaffe at it, so the
+# system's alternatives choice does not matter): patch 0011 runs Caffe's CPU layers on OpenMP
+# threads, and inside those threads this OpenBLAS computes on one thread instead of starting
+# its own pthreads pool under them. bench/bench_cpu.py measures it against PyTorch.
+openmp_openblas() { printf '/usr/lib/%s/openblas-openmp/libopenblas.so.0\n' "$(gcc -print-multiarch)"; }
 # Modules pycaffe imports at `import caffe` (plus numpy for the build itself); patch
 # 0007 made scikit-image and scipy optional (only caffe.io's image loading uses them).
 PY_MODULES=(numpy six google.protobuf)
@@ -352,6 +358,7 @@ apply_patches() {  # $1 = source tree
 # ---------------------------------------------------------------- build
 build_stamp() {  # what must match for a cached prefix to be reused
   local extra=""
+  if [ "$FLAVOUR" = cpu ]; then extra=" blas=openblas-openmp openmp=on"; fi
   if [ "$FLAVOUR" = cuda ]; then
     extra=" cuda=$CUDA_VERSION arch=${ARCH_BIN// /,}+ptx$ARCH_PTX cudnn=$USE_CUDNN libs=$CUDA_LIBS"
     extra="$extra pins=$(sha256sum < "$REPO/scripts/cuda-libs/cu$CUDA_MAJOR.txt" | cut -c1-8)"
@@ -361,7 +368,11 @@ build_stamp() {  # what must match for a cached prefix to be reused
 }
 
 flavour_cmake_args() {  # printed one per line
-  if [ "$FLAVOUR" = cuda ]; then cuda_cmake_args; else printf '%s\n' -DCPU_ONLY=ON; fi
+  if [ "$FLAVOUR" = cuda ]; then
+    cuda_cmake_args
+  else
+    printf '%s\n' -DCPU_ONLY=ON -DUSE_OPENMP=ON "-DOpenBLAS_LIB=$(openmp_openblas)"
+  fi
 }
 
 build_caffe() {

@@ -23,9 +23,11 @@ DEFAULT_MIN_DELTA = 0.002  # val top-1 gain that counts as an improvement
 DEFAULT_MAX_ANNEALS = 3  # after this many anneals, the next plateau ends the run
 ANNEAL_FACTOR = 0.1  # the paper's manual cuts were /10
 DIVERGED_LOSS = 87.3  # SoftmaxWithLoss caps at -log(FLT_MIN) = 87.34: the softmax underflowed
-# OpenBLAS threads for CPU training: one per CPU this process may use (its affinity: cgroup,
-# taskset, Slurm). On this 2-core machine 2 threads trained 1.05-1.4x faster than 1
-# (bench/bench_train.py, several runs); a value set in the environment wins.
+# CPU threads for training: one per CPU this process may use (its affinity: cgroup, taskset,
+# Slurm), for OpenBLAS and for Caffe's own OpenMP layers (patch 0011; OpenMP alone would also
+# count the CPUs of a cgroup quota it may not use). On this 2-core machine 2 threads trained
+# 1.05-1.4x faster than 1 (bench/bench_train.py, several runs); a value set in the
+# environment wins.
 OPENBLAS_THREADS = str(devices.usable_cpus())
 
 
@@ -149,6 +151,7 @@ def _final_test(run_dir, used, gpu, log_path, stops, curves=None, observer=None)
 def _child_env():
     env = dict(os.environ, GLOG_logtostderr="1", GLOG_minloglevel="0", PYTHONUNBUFFERED="1")
     env.setdefault("OPENBLAS_NUM_THREADS", OPENBLAS_THREADS)
+    env.setdefault("OMP_NUM_THREADS", OPENBLAS_THREADS)
     return env
 
 

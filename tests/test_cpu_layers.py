@@ -1,0 +1,217 @@
+"""Patch 0011 (Caffe's CPU layers on OpenMP threads, several images per convolution GEMM):
+the rewritten layers still compute Caffe's functions. Each case is one real Caffe layer
+(Convolution, Pooling, ReLU, PReLU, BatchNorm) on an Input blob with force_backward:
+
+- its gradients against finite differences, Caffe's GradientChecker method (central
+  differences, step 1e-2, tolerance 1e-3 x max(|analytic|, |numeric|, 1)), through pycaffe;
+- its outputs and gradients with 1 thread and with 2 (OMP_NUM_THREADS, separate processes):
+  equal bit for bit, except a convolution's weight and bias gradients and anything a
+  convolution computes with several images per GEMM, whose sums are grouped by thread or
+  by chunk (within 1e-5 of each other).
+
+The shapes pick the code paths: convolutions with few output pixels (36, 16, 42) run the
+side-by-side GEMM (cpu_gemm_images > 1: up to ceil(images / threads) images per GEMM, so the
+GEMMs' widths differ between 1 and 2 threads), the one with 3600 pixels and the 1x1 one
+Caffe's one-image GEMM.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tinycaffe import caffe_env
+
+STEP, TOLERANCE = 1e-2, 1e-3  # Caffe's GradientChecker(1e-2, 1e-3)
+
+CONV = 'layer {{ name: "l" type: "Convolution" bottom: "x" top: "y" convolution_param {{ {} }} }}'
+CASES = {
+    # name: (input shape, layer text); fillers are replaced by seeded values below
+    "conv_3x3_one_image_per_gemm": ((4, 3, 60, 60), CONV.format("num_output: 4 kernel_size: 3 pad: 1")),
+    "conv_3x3_images_side_by_side": ((12, 4, 6, 6), CONV.format("num_output: 6 kernel_size: 3 pad: 1")),
+    "conv_group_stride_side_by_side": ((12, 4, 9, 9),
+                                       CONV.format("num_output: 6 kernel_size: 3 stride: 2 group: 2")),
+    "conv_1x1_no_bias": ((6, 5, 7, 7), CONV.format("num_output: 3 kernel_size: 1 bias_term: false")),
+    "conv_5x5_pad_stride": ((5, 2, 11, 13), CONV.format("num_output: 3 kernel_size: 5 pad: 2 stride: 2")),
+    "maxpool_2x2": ((4, 5, 12, 12), 'layer { name: "l" type: "Pooling" bottom: "x" top: "y" '
+                                    'pooling_param { pool: MAX kernel_size: 2 stride: 2 } }'),
+    "maxpool_3x3_s2_pad_ceil": ((3, 4, 13, 13), 'layer { name: "l" type: "Pooling" bottom: "x" top: "y" '
+                                                'pooling_param { pool: MAX kernel_size: 3 stride: 2 pad: 1 } }'),
+    "maxpool_with_mask_top": ((3, 4, 10, 10), 'layer { name: "l" type: "Pooling" bottom: "x" top: "y" top: "mask" '
+                                              'pooling_param { pool: MAX kernel_size: 3 stride: 2 } }'),
+    "avepool_3x3_pad": ((3, 4, 11, 11), 'layer { name: "l" type: "Pooling" bottom: "x" top: "y" '
+                                        'pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 } }'),
+    "relu": ((4, 8, 40, 40), 'layer { name: "l" type: "ReLU" bottom: "x" top: "y" }'),
+    "leaky_relu_in_place": ((4, 8, 40, 40), 'layer { name: "l" type: "ReLU" bottom: "x" top: "x" '
+                                            'relu_param { negative_slope: 0.1 } }'),
+    "prelu_channelwise": ((4, 8, 40, 40), 'layer { name: "l" type: "PReLU" bottom: "x" top: "y" }'),
+    "prelu_shared_in_place": ((4, 8, 40, 40), 'layer { name: "l" type: "PReLU" bottom: "x" top: "x" '
+                                              'prelu_param { channel_shared: true } }'),
+    "prelu_2d_blob": ((64, 300), 'layer { name: "l" type: "PReLU" bottom: "x" top: "y" }'),
+    "batchnorm_batch_statistics": ((6, 5, 9, 9), 'layer { name: "l" type: "BatchNorm" bottom: "x" top: "y" '
+                                                 'batch_norm_param { use_global_stats: false } }'),
+    "batchnorm_batch_statistics_in_place": ((6, 5, 9, 9), 'layer { name: "l" type: "BatchNorm" bottom: "x" '
+                                                          'top: "x" batch_norm_param { use_global_stats: false } }'),
+    "batchnorm_global_statistics": ((6, 5, 9, 9), 'layer { name: "l" type: "BatchNorm" bottom: "x" top: "y" '
+                                                  'batch_norm_param { use_global_stats: true } }'),
+}
+# BatchNorm's blobs are statistics, not learned: Caffe computes no gradient for them.
+NO_PARAM_GRADIENTS = ("batchnorm_batch_statistics", "batchnorm_global_statistics")
+# What may differ between 1 and 2 threads: summed over images in another grouping.
+GROUPED_SUMS = {"conv_3x3_one_image_per_gemm": ("param",),
+                "conv_1x1_no_bias": ("param",),
+                "conv_5x5_pad_stride": ("param", "top", "bottom"),  # 42 pixels: side by side too
+                "conv_3x3_images_side_by_side": ("param", "top", "bottom"),
+                "conv_group_stride_side_by_side": ("param", "top", "bottom")}
+
+
+def net_text(shape, layer):
+    return ('force_backward: true\nlayer { name: "in" type: "Input" top: "x" input_param { shape { %s } } }\n%s\n'
+            % (" ".join("dim: %d" % d for d in shape), layer))
+
+
+def inputs(shape, seed, pooling):
+    """Values away from ReLU's kink and, for pooling, distinct by more than two steps, so a
+    finite difference never crosses a kink (Caffe's checker has its kink/kink_range for this)."""
+    rng = np.random.default_rng(seed)
+    n = int(np.prod(shape))
+    if pooling:
+        values = (rng.permutation(n) - n / 2) * (4 * STEP)
+    else:
+        values = rng.uniform(0.2, 1.0, n) * rng.choice([-1.0, 1.0], n)
+    return values.reshape(shape).astype(np.float32)
+
+
+def build(caffe, folder, name, seed=0):
+    """The case's net with seeded input, parameters and top gradient R (objective: sum(top * R))."""
+    shape, layer = CASES[name]
+    path = os.path.join(str(folder), name + ".prototxt")
+    with open(path, "w") as f:
+        f.write(net_text(shape, layer))
+    net = caffe.Net(path, caffe.TEST)
+    rng = np.random.default_rng(seed + 1)
+    net.blobs["x"].data[...] = inputs(shape, seed, "Pooling" in layer)
+    for blob in net.params.get("l", []):
+        blob.data[...] = rng.uniform(-0.5, 0.5, blob.data.shape)
+    if "BatchNorm" in layer:  # a valid state: variance > 0, scale factor 1
+        net.params["l"][1].data[...] = rng.uniform(0.5, 1.5, net.params["l"][1].data.shape)
+        net.params["l"][2].data[...] = 1.0
+    top = net.top_names["l"][0]
+    net.forward()
+    weights = rng.uniform(-1, 1, net.blobs[top].data.shape).astype(np.float32)
+    return net, top, weights
+
+
+def analytic(net, top, weights):
+    net.forward()
+    net.blobs[top].diff[...] = weights
+    for blob in net.params.get("l", []):
+        blob.diff[...] = 0
+    net._backward(len(net.layers) - 1, 0)
+    return net.blobs["x"].diff.copy(), [b.diff.copy() for b in net.params.get("l", [])]
+
+
+def objective(net, top, weights, source, index, value):
+    """sum(top * R) with one element of the input (or of a parameter) set to value."""
+    target = net.blobs["x"].data if source is None else net.params["l"][source].data
+    saved = target.flat[index]
+    target.flat[index] = value
+    net.forward()
+    result = float(np.sum(net.blobs[top].data.astype(np.float64) * weights))
+    target.flat[index] = saved
+    return result
+
+
+def check_gradient(net, top, weights, source, got, samples=24):
+    """Central differences at `samples` elements of the input or parameter `source`."""
+    data = net.blobs["x"].data if source is None else net.params["l"][source].data
+    rng = np.random.default_rng(7)
+    bad = []
+    for index in rng.choice(data.size, size=min(samples, data.size), replace=False):
+        x = float(data.flat[index])
+        numeric = (objective(net, top, weights, source, index, x + STEP)
+                   - objective(net, top, weights, source, index, x - STEP)) / (2 * STEP)
+        a = float(got.flat[index])
+        if abs(a - numeric) > TOLERANCE * max(abs(a), abs(numeric), 1.0):
+            bad.append((int(index), a, numeric))
+    return bad
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_gradients_match_finite_differences(caffe, tmp_path, name):
+    net, top, weights = build(caffe, tmp_path, name)
+    if top == "x":  # in place: forward overwrites the input
+        pytest.skip("in-place layer: its input is its output; covered by the thread-count test")
+    bottom_diff, param_diffs = analytic(net, top, weights)
+    assert np.abs(bottom_diff).max() > 0, "backward gave no gradient at all"
+    bad = check_gradient(net, top, weights, None, bottom_diff)
+    for i, diff in enumerate([] if name in NO_PARAM_GRADIENTS else param_diffs):
+        bad += [("param %d" % i,) + b for b in check_gradient(net, top, weights, i, diff)]
+    assert not bad, "analytic vs numeric gradient (index, analytic, numeric): %s" % bad[:5]
+
+
+RUNNER = r"""
+import json, sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import test_cpu_layers as t
+from tinycaffe import caffe_env
+caffe = caffe_env.import_caffe()
+caffe.set_mode_cpu()
+out = {}
+for name in t.CASES:
+    net, top, weights = t.build(caffe, sys.argv[2], name)
+    out[name + "/top"] = net.blobs[top].data.copy()
+    bottom, params = t.analytic(net, top, weights)
+    out[name + "/bottom"] = bottom
+    for i, p in enumerate(params):
+        out[name + "/param%d" % i] = p
+np.savez(sys.argv[3], **out)
+"""
+
+
+def run_with_threads(tmp_path, threads):
+    out = str(tmp_path / ("threads%d.npz" % threads))
+    folder = tmp_path / ("nets%d" % threads)
+    folder.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
+    proc = subprocess.run([sys.executable, "-c", RUNNER, os.path.dirname(os.path.abspath(__file__)), str(folder),
+                           out], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return np.load(out)
+
+
+def test_one_thread_and_two_threads_agree(tmp_path):
+    one, two = run_with_threads(tmp_path, 1), run_with_threads(tmp_path, 2)
+    assert sorted(one.files) == sorted(two.files)
+    differences = {}
+    for key in one.files:
+        name, part = key.split("/")
+        a, b = one[key], two[key]
+        kind = "param" if part.startswith("param") else part
+        if kind in GROUPED_SUMS.get(name, ()):
+            scale = max(float(np.abs(a).max()), 1e-30)
+            if float(np.abs(a - b).max()) > 1e-5 * scale:
+                differences[key] = float(np.abs(a - b).max()) / scale
+        elif not np.array_equal(a, b):
+            differences[key] = "not bit-identical"
+    assert not differences, json.dumps(differences)
+
+
+def test_the_build_runs_its_cpu_layers_on_openmp_threads():
+    """The CPU flavour is built with OpenMP and OpenBLAS's OpenMP flavour (patch 0011's
+    speed needs both; scripts/install_caffe.sh records them in the build stamp)."""
+    location = caffe_env.read_location()
+    if location.get("CAFFE_FLAVOUR") != "cpu":
+        pytest.skip("the active build is %s; the OpenMP build is the CPU flavour's"
+                    % location.get("CAFFE_FLAVOUR"))
+    root = location["CAFFE_ROOT"]
+    with open(os.path.join(root, ".tinycaffe-build")) as f:
+        stamp = f.readline()
+    assert "blas=openblas-openmp" in stamp, stamp
+    libcaffe = [os.path.join(root, "lib", n) for n in os.listdir(os.path.join(root, "lib"))
+                if n.startswith("libcaffe.so")][0]
+    ldd = subprocess.run(["ldd", libcaffe], capture_output=True, text=True).stdout
+    assert "libgomp" in ldd and "openblas-openmp" in ldd, ldd
