@@ -9,7 +9,7 @@ number of threads; ms per forward-backward and the ratio (goal: Caffe / PyTorch 
 Caffe: `caffe time` (no -gpu) on prototxt/<variant>/train_val.prototxt with the Data layers
 turned into DummyData of the same shape, TRAIN phase, OMP_NUM_THREADS = OPENBLAS_NUM_THREADS
 = --threads; the figure is its "Average Forward-Backward" less its DummyData layer's forward
-(a Gaussian refill of the batch every iteration, 3 ms of tiny's 50: PyTorch's twin gets one
+(a Gaussian refill of the batch every iteration, 3 ms of tiny's 43: PyTorch's twin gets one
 fixed tensor; both figures are in the JSON). PyTorch: bench/torch_nets.py's twin of that very NetParameter, train mode,
 forward + loss + backward, torch.set_num_threads(--threads). Before any timing each twin is
 checked against pycaffe (bench/bench_gpu.py's verify_twin); a variant whose twin differs is
@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 DEFAULT_VARIANTS = "tiny,alexnet,alexnet_prelu,alexnet_prelu_bn,resnet_tiny"  # the issue's four + the newest small net
 DEFAULT_BATCH = 64        # the issue's batch
-DEFAULT_ITERATIONS = 5    # forward-backward passes per timing
+DEFAULT_ITERATIONS = 3    # forward-backward passes per timing
 DEFAULT_ROUNDS = 3        # interleaved repetitions; the median is reported
 GOAL_RATIO = 1.0          # Caffe ms / PyTorch ms we aim to stay under
 TORCH_SPEC = os.environ.get("TORCH_SPEC", "torch==2.13.0")  # the bench venv's PyTorch
@@ -122,9 +122,16 @@ def torch_profile(step, iterations, rows=12):
 
 
 def build_name(binary):
+    """The build stamp of install_caffe.sh's prefix, or of a pack_caffe.sh bundle's MANIFEST."""
+    root = os.path.dirname(os.path.dirname(binary))
     try:
-        with open(os.path.join(os.path.dirname(os.path.dirname(binary)), ".tinycaffe-build")) as f:
+        with open(os.path.join(root, ".tinycaffe-build")) as f:
             return f.readline().strip()
+    except OSError:
+        pass
+    try:
+        with open(os.path.join(root, "MANIFEST.txt")) as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("build:")), "unknown")
     except OSError:
         return "unknown"
 

@@ -82,7 +82,7 @@ def main(argv=None):
                    help="LMDBs to train from (default data/sample/lmdb, written by scripts/quickstart.sh)")
     p.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
     p.add_argument("--iters", type=int, default=40, help="iterations per measurement (default 40)")
-    p.add_argument("--threads", default="1,2", help="OPENBLAS_NUM_THREADS values to compare (default 1,2)")
+    p.add_argument("--threads", default="1,2", help="thread counts to compare, OPENBLAS_NUM_THREADS = OMP_NUM_THREADS (default 1,2)")
     args = p.parse_args(argv)
     if not os.path.isfile(os.path.join(args.lmdb_dir, "manifest.json")):
         sys.exit("bench_train.py: error: %s has no LMDBs; run scripts/quickstart.sh or tools/make_lmdb.py" % args.lmdb_dir)

@@ -46,7 +46,12 @@ BUILD_DEPS=(cmake g++ make patch dpkg-dev pkg-config debian-archive-keyring
 # system's alternatives choice does not matter): patch 0011 runs Caffe's CPU layers on OpenMP
 # threads, and inside those threads this OpenBLAS computes on one thread instead of starting
 # its own pthreads pool under them. bench/bench_cpu.py measures it against PyTorch.
-openmp_openblas() { printf '/usr/lib/%s/openblas-openmp/libopenblas.so.0\n' "$(gcc -print-multiarch)"; }
+openmp_openblas() {  # Debian's multiarch path (dpkg-architecture, from dpkg-dev: not the gcc on PATH)
+  local lib
+  lib="/usr/lib/$(dpkg-architecture -qDEB_HOST_MULTIARCH)/openblas-openmp/libopenblas.so.0"
+  [ -e "$lib" ] || die "no $lib: install Debian's libopenblas0-openmp (apt-get install -y libopenblas0-openmp)"
+  printf '%s\n' "$lib"
+}
 # Modules pycaffe imports at `import caffe` (plus numpy for the build itself); patch
 # 0007 made scikit-image and scipy optional (only caffe.io's image loading uses them).
 PY_MODULES=(numpy six google.protobuf)
@@ -371,7 +376,7 @@ flavour_cmake_args() {  # printed one per line
   if [ "$FLAVOUR" = cuda ]; then
     cuda_cmake_args
   else
-    printf '%s\n' -DCPU_ONLY=ON -DUSE_OPENMP=ON "-DOpenBLAS_LIB=$(openmp_openblas)"
+    printf '%s\n' -DCPU_ONLY=ON -DUSE_OPENMP=ON "-DOpenBLAS_LIB=$OPENMP_OPENBLAS"
   fi
 }
 
@@ -386,6 +391,7 @@ build_caffe() {
   mkdir -p "$work/build"
   log "configuring (python $PYTHON_BIN, $JOBS jobs)"
   local flavour_args
+  if [ "$FLAVOUR" = cpu ]; then OPENMP_OPENBLAS="$(openmp_openblas)"; fi  # dies here, not in cmake's link step
   mapfile -t flavour_args < <(flavour_cmake_args)
   # shellcheck disable=SC2046
   (cd "$work/build" && cmake ../src -DCMAKE_BUILD_TYPE=Release \

@@ -3,7 +3,7 @@
 # set-up -> sample data -> LMDB -> prototxt -> a short training (scripts/train.sh) with its
 # curves -> evaluation -> the validated submission file -> filters, feature maps, report.
 #
-#   scripts/quickstart.sh [--iters N]     (default 600: about a minute on 2 cores)
+#   scripts/quickstart.sh [--iters N]     (default 600: about 15 s of training on 2 cores)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"

@@ -37,11 +37,11 @@ CASES = {
     "conv_5x5_pad_stride": ((5, 2, 11, 13), CONV.format("num_output: 3 kernel_size: 5 pad: 2 stride: 2")),
     "maxpool_2x2": ((4, 5, 12, 12), 'layer { name: "l" type: "Pooling" bottom: "x" top: "y" '
                                     'pooling_param { pool: MAX kernel_size: 2 stride: 2 } }'),
-    "maxpool_3x3_s2_pad_ceil": ((3, 4, 13, 13), 'layer { name: "l" type: "Pooling" bottom: "x" top: "y" '
+    "maxpool_3x3_s2_pad_ceil": ((4, 5, 13, 13), 'layer { name: "l" type: "Pooling" bottom: "x" top: "y" '
                                                 'pooling_param { pool: MAX kernel_size: 3 stride: 2 pad: 1 } }'),
-    "maxpool_with_mask_top": ((3, 4, 10, 10), 'layer { name: "l" type: "Pooling" bottom: "x" top: "y" top: "mask" '
+    "maxpool_with_mask_top": ((4, 5, 10, 10), 'layer { name: "l" type: "Pooling" bottom: "x" top: "y" top: "mask" '
                                               'pooling_param { pool: MAX kernel_size: 3 stride: 2 } }'),
-    "avepool_3x3_pad": ((3, 4, 11, 11), 'layer { name: "l" type: "Pooling" bottom: "x" top: "y" '
+    "avepool_3x3_pad": ((4, 5, 11, 11), 'layer { name: "l" type: "Pooling" bottom: "x" top: "y" '
                                         'pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 } }'),
     "relu": ((4, 8, 40, 40), 'layer { name: "l" type: "ReLU" bottom: "x" top: "y" }'),
     "leaky_relu_in_place": ((4, 8, 40, 40), 'layer { name: "l" type: "ReLU" bottom: "x" top: "x" '
@@ -50,15 +50,19 @@ CASES = {
     "prelu_shared_in_place": ((4, 8, 40, 40), 'layer { name: "l" type: "PReLU" bottom: "x" top: "x" '
                                               'prelu_param { channel_shared: true } }'),
     "prelu_2d_blob": ((64, 300), 'layer { name: "l" type: "PReLU" bottom: "x" top: "y" }'),
-    "batchnorm_batch_statistics": ((6, 5, 9, 9), 'layer { name: "l" type: "BatchNorm" bottom: "x" top: "y" '
+    "batchnorm_batch_statistics": ((16, 32, 9, 9), 'layer { name: "l" type: "BatchNorm" bottom: "x" top: "y" '
                                                  'batch_norm_param { use_global_stats: false } }'),
-    "batchnorm_batch_statistics_in_place": ((6, 5, 9, 9), 'layer { name: "l" type: "BatchNorm" bottom: "x" '
+    "batchnorm_batch_statistics_in_place": ((16, 32, 9, 9), 'layer { name: "l" type: "BatchNorm" bottom: "x" '
                                                           'top: "x" batch_norm_param { use_global_stats: false } }'),
-    "batchnorm_global_statistics": ((6, 5, 9, 9), 'layer { name: "l" type: "BatchNorm" bottom: "x" top: "y" '
+    "batchnorm_global_statistics": ((16, 32, 9, 9), 'layer { name: "l" type: "BatchNorm" bottom: "x" top: "y" '
                                                   'batch_norm_param { use_global_stats: true } }'),
 }
 # BatchNorm's blobs are statistics, not learned: Caffe computes no gradient for them.
-NO_PARAM_GRADIENTS = ("batchnorm_batch_statistics", "batchnorm_global_statistics")
+NO_PARAM_GRADIENTS = ("batchnorm_batch_statistics", "batchnorm_batch_statistics_in_place",
+                      "batchnorm_global_statistics")
+# Every case is big enough for the patch's threads to start (parallel_ranges' thresholds:
+# pooling >= 16 planes, ReLU > 32768 values, PReLU and BatchNorm 32768 / plane size planes),
+# so the 1-vs-2-threads test compares one thread with two.
 # What may differ between 1 and 2 threads: summed over images in another grouping.
 GROUPED_SUMS = {"conv_3x3_one_image_per_gemm": ("param",),
                 "conv_1x1_no_bias": ("param",),
@@ -92,7 +96,8 @@ def build(caffe, folder, name, seed=0):
         f.write(net_text(shape, layer))
     net = caffe.Net(path, caffe.TEST)
     rng = np.random.default_rng(seed + 1)
-    net.blobs["x"].data[...] = inputs(shape, seed, "Pooling" in layer)
+    base = inputs(shape, seed, "Pooling" in layer)
+    net.blobs["x"].data[...] = base
     for blob in net.params.get("l", []):
         blob.data[...] = rng.uniform(-0.5, 0.5, blob.data.shape)
     if "BatchNorm" in layer:  # a valid state: variance > 0, scale factor 1
@@ -101,11 +106,17 @@ def build(caffe, folder, name, seed=0):
     top = net.top_names["l"][0]
     net.forward()
     weights = rng.uniform(-1, 1, net.blobs[top].data.shape).astype(np.float32)
+    net.base_input = base  # an in-place layer overwrites x: every forward starts from this
     return net, top, weights
 
 
-def analytic(net, top, weights):
+def forward(net):
+    net.blobs["x"].data[...] = net.base_input
     net.forward()
+
+
+def analytic(net, top, weights):
+    forward(net)
     net.blobs[top].diff[...] = weights
     for blob in net.params.get("l", []):
         blob.diff[...] = 0
@@ -115,18 +126,23 @@ def analytic(net, top, weights):
 
 def objective(net, top, weights, source, index, value):
     """sum(top * R) with one element of the input (or of a parameter) set to value."""
-    target = net.blobs["x"].data if source is None else net.params["l"][source].data
-    saved = target.flat[index]
-    target.flat[index] = value
-    net.forward()
-    result = float(np.sum(net.blobs[top].data.astype(np.float64) * weights))
-    target.flat[index] = saved
-    return result
+    if source is None:
+        saved, net.base_input = net.base_input, net.base_input.copy()
+        net.base_input.flat[index] = value
+        forward(net)
+        net.base_input = saved
+    else:
+        target = net.params["l"][source].data
+        saved = target.flat[index]
+        target.flat[index] = value
+        forward(net)
+        target.flat[index] = saved
+    return float(np.sum(net.blobs[top].data.astype(np.float64) * weights))
 
 
 def check_gradient(net, top, weights, source, got, samples=24):
     """Central differences at `samples` elements of the input or parameter `source`."""
-    data = net.blobs["x"].data if source is None else net.params["l"][source].data
+    data = net.base_input if source is None else net.params["l"][source].data
     rng = np.random.default_rng(7)
     bad = []
     for index in rng.choice(data.size, size=min(samples, data.size), replace=False):
@@ -142,8 +158,6 @@ def check_gradient(net, top, weights, source, got, samples=24):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_gradients_match_finite_differences(caffe, tmp_path, name):
     net, top, weights = build(caffe, tmp_path, name)
-    if top == "x":  # in place: forward overwrites the input
-        pytest.skip("in-place layer: its input is its output; covered by the thread-count test")
     bottom_diff, param_diffs = analytic(net, top, weights)
     assert np.abs(bottom_diff).max() > 0, "backward gave no gradient at all"
     bad = check_gradient(net, top, weights, None, bottom_diff)
@@ -163,7 +177,9 @@ caffe.set_mode_cpu()
 out = {}
 for name in t.CASES:
     net, top, weights = t.build(caffe, sys.argv[2], name)
-    out[name + "/top"] = net.blobs[top].data.copy()
+    t.forward(net)
+    for i, blob in enumerate(net.top_names["l"]):  # every top (max pooling's mask too)
+        out[name + "/top%d" % i] = net.blobs[blob].data.copy()
     bottom, params = t.analytic(net, top, weights)
     out[name + "/bottom"] = bottom
     for i, p in enumerate(params):
@@ -190,7 +206,7 @@ def test_one_thread_and_two_threads_agree(tmp_path):
     for key in one.files:
         name, part = key.split("/")
         a, b = one[key], two[key]
-        kind = "param" if part.startswith("param") else part
+        kind = "param" if part.startswith("param") else "top" if part.startswith("top") else part
         if kind in GROUPED_SUMS.get(name, ()):
             scale = max(float(np.abs(a).max()), 1e-30)
             if float(np.abs(a - b).max()) > 1e-5 * scale:
@@ -208,6 +224,8 @@ def test_the_build_runs_its_cpu_layers_on_openmp_threads():
         pytest.skip("the active build is %s; the OpenMP build is the CPU flavour's"
                     % location.get("CAFFE_FLAVOUR"))
     root = location["CAFFE_ROOT"]
+    if not os.path.isfile(os.path.join(root, ".tinycaffe-build")):
+        pytest.skip("CAFFE_ROOT=%s is not a build of install_caffe.sh (no build stamp)" % root)
     with open(os.path.join(root, ".tinycaffe-build")) as f:
         stamp = f.readline()
     assert "blas=openblas-openmp" in stamp, stamp

@@ -111,6 +111,11 @@ def test_manifest_says_what_the_target_needs(packed):
     packed_libs = re.search(r"^packed libraries: (.*)$", manifest, re.M).group(1).split()
     assert "libopenblas.so.0" in packed_libs and "libprotobuf.so.32" in packed_libs
     assert (bundle / "check.sh").stat().st_mode & 0o111
+    if "blas=openblas-openmp" in manifest:  # the CPU flavour of patch 0011: its OpenMP runtime travels too
+        import ctypes
+        assert "libgomp.so.1" in packed_libs
+        # OpenBLAS says how it was built: 0 sequential, 1 pthreads, 2 OpenMP
+        assert ctypes.CDLL(str(bundle / "lib" / "libopenblas.so.0")).openblas_get_parallel() == 2
 
 
 def test_check_script_names_a_missing_library(packed, tmp_path):

@@ -154,14 +154,19 @@ def test_cli_help_states_defaults(repo):
 
 
 # The quickstart's budget, 600 iterations of tiny, and the iterations that cost resnet_tiny the
-# same CPU time: bench_learn.py measures its iteration at 1.25x tiny's with `caffe time` (93 vs
-# 74 ms here), so it gets 4/5 of them.
-DEMO_ITERATIONS = {"tiny": 600, "resnet_tiny": 480}
+# same CPU time: bench_learn.py measures its iteration at 1.65x tiny's with `caffe time` (41 vs
+# 25 ms here with Caffe patch 0011; 93 vs 74 ms before it, when this was 480), so it gets 360.
+DEMO_ITERATIONS = {"tiny": 600, "resnet_tiny": 360}
+# Solver seeds (fillers, crops, mirrors): 200 val images make one run's margin a few images,
+# and with the budget above one seed of three goes to tiny (bench_learn.py: 64.5% vs 61.5%),
+# so the bar is the mean, as bench/bench_learn.py --seeds 0,1,2 reports it.
+DEMO_SEEDS = (0, 1, 2)
 
 
 @pytest.fixture(scope="module")
 def demo_top1(caffe, tmp_path_factory):
-    """Val top-1 of each CPU demo net trained on the quickstart's sample through Caffe's own solver."""
+    """Mean val top-1 over DEMO_SEEDS of each CPU demo net trained on the quickstart's sample
+    through Caffe's own solver."""
     import os
 
     from tinycaffe import data, gen
@@ -173,15 +178,17 @@ def demo_top1(caffe, tmp_path_factory):
     try:
         os.chdir(tmp_path)  # snapshot_prefix is relative to where caffe runs
         for variant, iterations in DEMO_ITERATIONS.items():
-            cfg = gen.GenConfig(out=str(tmp_path / "p"), lmdb_dir=str(tmp_path / "lmdb"), mode="cpu", num_classes=10,
-                                val_size=200, max_iter=iterations, test_interval=1000)
-            gen.generate([variant], cfg)
             os.makedirs(tmp_path / "runs" / variant)
-            solver = caffe.get_solver(os.path.join(cfg.out, variant, "solver.prototxt"))
-            solver.step(iterations)
-            test_net = solver.test_nets[0]
-            test_net.share_with(solver.net)  # what Caffe's own Solver::Test does before testing
-            results[variant] = sum(float(test_net.forward()["accuracy_top1"]) for _ in range(2)) / 2  # all of val
+            for seed in DEMO_SEEDS:
+                cfg = gen.GenConfig(out=str(tmp_path / "p"), lmdb_dir=str(tmp_path / "lmdb"), mode="cpu",
+                                    num_classes=10, val_size=200, max_iter=iterations, test_interval=1000, seed=seed)
+                gen.generate([variant], cfg)
+                solver = caffe.get_solver(os.path.join(cfg.out, variant, "solver.prototxt"))
+                solver.step(iterations)
+                test_net = solver.test_nets[0]
+                test_net.share_with(solver.net)  # what Caffe's own Solver::Test does before testing
+                top1 = sum(float(test_net.forward()["accuracy_top1"]) for _ in range(2)) / 2  # all of val
+                results[variant] = results.get(variant, 0.0) + top1 / len(DEMO_SEEDS)
     finally:
         os.chdir(here)
     return results

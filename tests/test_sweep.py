@@ -113,12 +113,12 @@ def test_two_workers_share_a_file_study(repo, lmdb_dir, tmp_path):
 
 
 def worker_mid_trial(repo, space, root, **popen):
-    """A one-worker sweep of 2 trials, a few seconds into training its first trial."""
+    """A one-worker sweep of 2 trials, training its first trial: as soon as Caffe logs an
+    iteration (a fixed wait raced the trial's end once the CPU build got faster)."""
     worker = subprocess.Popen(sweep_command(space, root, 2), cwd=repo, stdout=subprocess.DEVNULL, text=True, **popen)
-    deadline = time.time() + 120
-    while not os.path.isfile(root / "space" / "trial_0" / "caffe.log") and time.time() < deadline:
-        time.sleep(0.5)
-    time.sleep(3)
+    log, deadline = root / "space" / "trial_0" / "caffe.log", time.time() + 120
+    while time.time() < deadline and not (log.is_file() and "Iteration" in log.read_text(errors="replace")):
+        time.sleep(0.1)
     return worker
 
 
@@ -141,7 +141,9 @@ def test_killed_worker_is_not_a_result_and_the_study_continues(repo, lmdb_dir, t
 
 def test_sigterm_stops_the_worker_with_a_snapshot_and_status_130(repo, lmdb_dir, tmp_path):
     """Slurm's time limit or scancel: the trial snapshots, is not a result, the worker exits 130."""
-    space, root = write_space(tmp_path, lmdb_dir), tmp_path / "sweeps"
+    # A long trial: the signal must find it training, and nothing trains after it.
+    space = write_space(tmp_path, lmdb_dir, budget={"max_iter": 5000, "test_interval": 50})
+    root = tmp_path / "sweeps"
     worker = worker_mid_trial(repo, space, root, stderr=subprocess.PIPE)
     worker.send_signal(signal.SIGTERM)
     _, err = worker.communicate(timeout=120)
