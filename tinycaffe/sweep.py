@@ -385,7 +385,7 @@ def _work(space, name, sweep_dir, trials, gpu, storage_url, pruner, sampler):
         print("[sweep] trials %s of a worker that is gone: marked failed" % orphans, file=sys.stderr)
     done = failures = 0
     while len(finished(study)) < trials:
-        trial = study.ask()
+        trial = _ask(study, sweep_dir)
         try:
             value = run_trial(trial, space, sweep_dir, gpu)
         except KeyboardInterrupt:  # before or after its training: the asked trial is no result
@@ -410,6 +410,18 @@ def _work(space, name, sweep_dir, trials, gpu, storage_url, pruner, sampler):
         if grid_done:
             break
     return done, 0
+
+
+def _ask(study, sweep_dir):
+    """study.ask, one worker of this machine at a time (a lock file in sweeps/<name>/): Optuna's
+    GridSampler gives a new trial a point that no trial holds yet, and two workers asking at
+    the same moment could both get the same one. Workers on other machines (an RDB study)
+    may still collide; their duplicates are extra trials, never lost ones."""
+    import fcntl
+    os.makedirs(sweep_dir, exist_ok=True)
+    with open(os.path.join(sweep_dir, "ask.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        return study.ask()
 
 
 def _tell(study, trial, value=None, state=None):
