@@ -512,6 +512,12 @@ main() {
     elif [ "$FORCE" -eq 0 ] && [ -f "$PREFIX/.tinycaffe-build" ] \
         && head -1 "$PREFIX/.tinycaffe-build" | grep -qxF "$(build_stamp)"; then
       log "cached build matches ($PREFIX): nothing to build"
+      # A cache on a machine without Debian's libopenblas0-openmp (removed, or the cache carried
+      # over): libcaffe would quietly load the system's pthreads OpenBLAS instead.
+      if [ "$FLAVOUR" = cpu ] && ! ldd "$PREFIX/lib/libcaffe.so" 2>/dev/null | grep -q 'openblas-openmp/'; then
+        log "libcaffe does not find OpenBLAS's OpenMP build: installing it"
+        ensure_build_deps
+      fi
     else
       [ -f "$PREFIX/.tinycaffe-build" ] && log "cached build differs from what is asked: rebuilding"
       ensure_build_deps
