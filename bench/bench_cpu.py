@@ -30,7 +30,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,7 @@ DEFAULT_BATCH = 64        # the issue's batch
 DEFAULT_ITERATIONS = 3    # forward-backward passes per timing
 DEFAULT_ROUNDS = 3        # interleaved repetitions; the median is reported
 GOAL_RATIO = 1.0          # Caffe ms / PyTorch ms we aim to stay under
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")  # Caffe's side of --threads
 TORCH_SPEC = os.environ.get("TORCH_SPEC", "torch==2.13.0")  # the bench venv's PyTorch
 
 
@@ -68,24 +68,6 @@ def ensure_torch(argv):
     env = dict(os.environ, TINYCAFFE_BENCH_VENV=venv,
                PYTHONPATH=os.pathsep.join(p for p in (pycaffe, os.environ.get("PYTHONPATH", "")) if p))
     os.execve(python, [python, os.path.abspath(__file__)] + list(argv), env)
-
-
-def caffe_env_vars(threads):
-    return dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
-                MKL_NUM_THREADS=str(threads), GLOG_minloglevel="0", GLOG_logtostderr="1")
-
-
-def caffe_time(binary, model, iterations, threads):
-    """-> (caffe time's ms per forward-backward, {layer: ms forward + backward})."""
-    out = subprocess.run([binary, "time", "-model", model, "-iterations", str(iterations)],
-                         capture_output=True, text=True, env=caffe_env_vars(threads))
-    m = re.search(r"Average Forward-Backward: ([\d.]+) ms", out.stderr)
-    if out.returncode != 0 or not m:
-        raise RuntimeError("caffe time failed for %s:\n%s" % (model, out.stderr[-2000:]))
-    layers = {}
-    for name, _, ms in re.findall(r"\]\s+(\S+)\s+(forward|backward): ([\d.]+) ms", out.stderr):
-        layers[name] = layers.get(name, 0.0) + float(ms)
-    return float(m.group(1)), layers
 
 
 def torch_step(net, shape):
@@ -174,7 +156,7 @@ def main(argv=None):
     ensure_torch(argv)
     import torch
     from bench_gpu import _data_shape, verify_twin
-    from bench_nets import cpu_name, timing_net
+    from bench_nets import caffe_time_layers, cpu_name, timing_net
     from tinycaffe import check, devices
     threads = args.threads or devices.usable_cpus()
     torch.set_num_threads(threads)
@@ -210,7 +192,8 @@ def main(argv=None):
             for _ in range(args.rounds):
                 times["torch"].append(torch_time(step, args.iterations))
                 for name, binary in builds:
-                    ms, layers[name] = caffe_time(binary, model, args.iterations, threads)
+                    ms, layers[name] = caffe_time_layers(model, args.iterations, binary=binary,
+                                                         env=dict.fromkeys(THREAD_VARIABLES, str(threads)))
                     times.setdefault(name + " (caffe time)", []).append(ms)
                     times.setdefault(name, []).append(ms - sum(layers[name].get(k, 0.0) for k in inputs))
             if args.layers:

@@ -22,7 +22,6 @@ import datetime
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 
@@ -34,24 +33,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import torch_nets  # noqa: E402
-from bench_nets import timing_net  # noqa: E402
+from bench_nets import caffe_time, timing_net  # noqa: E402
 from tinycaffe import caffe_env, check  # noqa: E402
 
 DEFAULT_VARIANTS = "alexnet,alexnet_prelu,alexnet_prelu_bn,vgg_prelu_bn"  # the four
 GOAL_RATIO = 1.2      # Caffe ms / PyTorch ms we aim to stay under
 WARMUP = 5            # untimed PyTorch iterations (cuDNN handles, allocator)
-
-
-def caffe_time(model, iterations, gpu):
-    cmd = [caffe_env.caffe_binary(), "time", "-model", model, "-iterations", str(iterations)]
-    if gpu is not None:
-        cmd += ["-gpu", gpu]
-    env = dict(os.environ, GLOG_minloglevel="0", GLOG_logtostderr="1")
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    m = re.search(r"Average Forward-Backward: ([\d.]+) ms", out.stderr)
-    if out.returncode != 0 or not m:
-        raise RuntimeError("caffe time failed for %s:\n%s" % (model, out.stderr[-2000:]))
-    return float(m.group(1))
 
 
 def torch_time(net, iterations, device):
@@ -184,7 +171,7 @@ def main(argv=None):
                 _, net = check.parse(model)
                 row["torch_ms"], row["torch_params"] = torch_time(net, args.iterations, device)
                 try:
-                    row["caffe_ms"] = caffe_time(model, args.iterations, gpu)
+                    row["caffe_ms"] = caffe_time(model, args.iterations, gpu=gpu)
                 except RuntimeError as exc:  # recorded, so one failure still leaves the other numbers
                     row["skipped"] = "caffe time failed: %s" % str(exc).strip().splitlines()[-1][-200:]
             finally:

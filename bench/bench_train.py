@@ -12,16 +12,17 @@ and prints b/a. Goal: b/a >= 0.95 (the data path costs at most 5%).
 """
 import argparse
 import os
-import re
 import subprocess
 import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from google.protobuf import text_format  # noqa: E402
 
+from bench_nets import caffe_time  # noqa: E402
 from tinycaffe import caffelog, check, gen  # noqa: E402
 from tinycaffe.caffe_env import caffe_binary, caffe_pb2  # noqa: E402
 
@@ -51,19 +52,17 @@ def prepare(variant, lmdb_dir, batch, iters, folder):
     return solver_path, timing
 
 
-def env_for(threads):
+def thread_env(threads):
     # OMP_NUM_THREADS too: the CPU build runs its layers on OpenMP threads (patch 0011)
-    return dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads), GLOG_logtostderr="1",
-                GLOG_minloglevel="0")
+    return {"OPENBLAS_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+
+
+def env_for(threads):
+    return dict(os.environ, **thread_env(threads), GLOG_logtostderr="1", GLOG_minloglevel="0")
 
 
 def time_compute(model, iters, batch, threads):
-    out = subprocess.run([caffe_binary(), "time", "-model", model, "-iterations", str(iters)],
-                         capture_output=True, text=True, env=env_for(threads))
-    m = re.search(r"Average Forward-Backward: ([\d.]+) ms", out.stderr)
-    if not m:
-        raise RuntimeError(out.stderr[-2000:])
-    return batch / (float(m.group(1)) / 1000.0)
+    return batch / (caffe_time(model, iters, env=thread_env(threads)) / 1000.0)
 
 
 def time_train(solver, batch, threads, folder):
