@@ -301,9 +301,10 @@ cuda_cmake_args() {  # printed one per line
 }
 
 # ---------------------------------------------------------------- system packages
-ensure_build_deps() {
+ensure_build_deps() {  # [PACKAGE...]: these instead of all of BUILD_DEPS
+  [ $# -gt 0 ] || set -- "${BUILD_DEPS[@]}"
   local missing=() p
-  for p in "${BUILD_DEPS[@]}"; do
+  for p in "$@"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
@@ -516,7 +517,7 @@ main() {
       # over): libcaffe would quietly load the system's pthreads OpenBLAS instead.
       if [ "$FLAVOUR" = cpu ] && ! ldd "$PREFIX/lib/libcaffe.so" 2>/dev/null | grep -q 'openblas-openmp/'; then
         log "libcaffe does not find OpenBLAS's OpenMP build: installing it"
-        ensure_build_deps
+        ensure_build_deps libopenblas0-openmp
       fi
     else
       [ -f "$PREFIX/.tinycaffe-build" ] && log "cached build differs from what is asked: rebuilding"

@@ -24,10 +24,9 @@ DEFAULT_MAX_ANNEALS = 3  # after this many anneals, the next plateau ends the ru
 ANNEAL_FACTOR = 0.1  # the paper's manual cuts were /10
 DIVERGED_LOSS = 87.3  # SoftmaxWithLoss caps at -log(FLT_MIN) = 87.34: the softmax underflowed
 # CPU threads for training: one per CPU this process may use (its affinity: cgroup, taskset,
-# Slurm), for OpenBLAS and for Caffe's own OpenMP layers (patch 0011; OpenMP alone would also
-# count the CPUs of a cgroup quota it may not use). On this 2-core machine 2 threads trained
-# 1.05-1.4x faster than 1 (bench/bench_train.py, several runs); a value set in the
-# environment wins.
+# Slurm), for OpenBLAS and for Caffe's own OpenMP layers (patch 0011), the same number for
+# both. On this 2-core machine 2 threads trained 1.68x (tiny) and 1.80x (alexnet) faster than 1
+# (bench/bench_train.py, README); a value set in the environment wins.
 OPENBLAS_THREADS = str(devices.usable_cpus())
 
 
