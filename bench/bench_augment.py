@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 from google.protobuf import json_format, text_format  # noqa: E402
 
 from tinycaffe import augment, caffe_env, data, sample_data  # noqa: E402
+from tinycaffe.files import atomic_open  # noqa: E402
 
 PREFETCH = 4  # Caffe 1.0's prefetch queue: batches ready before the timed ones
 
@@ -121,9 +122,8 @@ def main(argv=None):
         result["ratio_to_" + presets[0]][name] = round(median / base, 3)
         print("  %-7s %9.0f images/s   %.2fx of %s" % (name, median, median / base, presets[0]))
     out = args.out or os.path.join(REPO, "bench", "results", "augment-%s.json" % result["date"])
-    with open(out + ".tmp", "w") as f:
+    with atomic_open(out) as f:
         json.dump(dict(result, rounds_images_per_second=rates), f, indent=2)
-    os.replace(out + ".tmp", out)
     print("wrote " + os.path.relpath(out, REPO))
     return 0
 

@@ -158,8 +158,10 @@ def main(argv=None):
     from bench_gpu import _data_shape, verify_twin
     from bench_nets import caffe_time_layers, cpu_name, timing_net
     from tinycaffe import check, devices
+    from tinycaffe.files import atomic_open
     threads = args.threads or devices.usable_cpus()
     torch.set_num_threads(threads)
+    caffe_threads = dict.fromkeys(THREAD_VARIABLES, str(threads))
     builds = parse_builds(args.caffe)
     today = datetime.date.today().isoformat()
     out = args.out or os.path.join(REPO, "bench", "results", "cpu-%s.json" % today)
@@ -192,8 +194,7 @@ def main(argv=None):
             for _ in range(args.rounds):
                 times["torch"].append(torch_time(step, args.iterations))
                 for name, binary in builds:
-                    ms, layers[name] = caffe_time_layers(model, args.iterations, binary=binary,
-                                                         env=dict.fromkeys(THREAD_VARIABLES, str(threads)))
+                    ms, layers[name] = caffe_time_layers(model, args.iterations, binary=binary, env=caffe_threads)
                     times.setdefault(name + " (caffe time)", []).append(ms)
                     times.setdefault(name, []).append(ms - sum(layers[name].get(k, 0.0) for k in inputs))
             if args.layers:
@@ -214,9 +215,8 @@ def main(argv=None):
     if args.layers:
         _print_layers(record, builds)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out + ".tmp", "w") as f:
+    with atomic_open(out) as f:
         json.dump(record, f, indent=1)
-    os.replace(out + ".tmp", out)
     print("\ngoal: Caffe / PyTorch <= %.1f. Results: %s" % (GOAL_RATIO, out))
     return 0
 

@@ -35,6 +35,7 @@ import torch  # noqa: E402
 import torch_nets  # noqa: E402
 from bench_nets import caffe_time, timing_net  # noqa: E402
 from tinycaffe import caffe_env, check  # noqa: E402
+from tinycaffe.files import atomic_open  # noqa: E402
 
 DEFAULT_VARIANTS = "alexnet,alexnet_prelu,alexnet_prelu_bn,vgg_prelu_bn"  # the four
 GOAL_RATIO = 1.2      # Caffe ms / PyTorch ms we aim to stay under
@@ -181,9 +182,8 @@ def main(argv=None):
         record["results"].append(row)
         _print_row(row)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out + ".tmp", "w") as f:
+    with atomic_open(out) as f:
         json.dump(record, f, indent=1)
-    os.replace(out + ".tmp", out)
     print("\n%s on %s, batch %d; goal: Caffe / PyTorch <= %.1f. Results: %s"
           % ("GPU" if gpu is not None else "CPU check", card, args.batch, GOAL_RATIO, out))
     return 0
