@@ -26,36 +26,40 @@ from tinycaffe import caffe_env
 
 STEP, TOLERANCE = 1e-2, 1e-3  # Caffe's GradientChecker(1e-2, 1e-3)
 
-CONV = 'layer {{ name: "l" type: "Convolution" bottom: "x" top: "y" convolution_param {{ {} }} }}'
+def layer(kind, params="", tops=("y",)):
+    """The layer under test, "l", on the Input blob "x"."""
+    return 'layer { name: "l" type: "%s" bottom: "x" %s %s }' % (kind, " ".join('top: "%s"' % t for t in tops), params)
+
+
+def conv(params):
+    return layer("Convolution", "convolution_param { %s }" % params)
+
+
+def pool(params, tops=("y",)):
+    return layer("Pooling", "pooling_param { %s }" % params, tops)
+
+
 CASES = {
     # name: (input shape, layer text); fillers are replaced by seeded values below
-    "conv_3x3_one_image_per_gemm": ((4, 3, 60, 60), CONV.format("num_output: 4 kernel_size: 3 pad: 1")),
-    "conv_3x3_images_side_by_side": ((12, 4, 6, 6), CONV.format("num_output: 6 kernel_size: 3 pad: 1")),
-    "conv_group_stride_side_by_side": ((12, 4, 9, 9),
-                                       CONV.format("num_output: 6 kernel_size: 3 stride: 2 group: 2")),
-    "conv_1x1_no_bias": ((6, 5, 7, 7), CONV.format("num_output: 3 kernel_size: 1 bias_term: false")),
-    "conv_5x5_pad_stride": ((5, 2, 11, 13), CONV.format("num_output: 3 kernel_size: 5 pad: 2 stride: 2")),
-    "maxpool_2x2": ((4, 5, 12, 12), 'layer { name: "l" type: "Pooling" bottom: "x" top: "y" '
-                                    'pooling_param { pool: MAX kernel_size: 2 stride: 2 } }'),
-    "maxpool_3x3_s2_pad_ceil": ((4, 5, 13, 13), 'layer { name: "l" type: "Pooling" bottom: "x" top: "y" '
-                                                'pooling_param { pool: MAX kernel_size: 3 stride: 2 pad: 1 } }'),
-    "maxpool_with_mask_top": ((4, 5, 10, 10), 'layer { name: "l" type: "Pooling" bottom: "x" top: "y" top: "mask" '
-                                              'pooling_param { pool: MAX kernel_size: 3 stride: 2 } }'),
-    "avepool_3x3_pad": ((4, 5, 11, 11), 'layer { name: "l" type: "Pooling" bottom: "x" top: "y" '
-                                        'pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 } }'),
-    "relu": ((4, 8, 40, 40), 'layer { name: "l" type: "ReLU" bottom: "x" top: "y" }'),
-    "leaky_relu_in_place": ((4, 8, 40, 40), 'layer { name: "l" type: "ReLU" bottom: "x" top: "x" '
-                                            'relu_param { negative_slope: 0.1 } }'),
-    "prelu_channelwise": ((4, 8, 40, 40), 'layer { name: "l" type: "PReLU" bottom: "x" top: "y" }'),
-    "prelu_shared_in_place": ((4, 8, 40, 40), 'layer { name: "l" type: "PReLU" bottom: "x" top: "x" '
-                                              'prelu_param { channel_shared: true } }'),
-    "prelu_2d_blob": ((64, 300), 'layer { name: "l" type: "PReLU" bottom: "x" top: "y" }'),
-    "batchnorm_batch_statistics": ((16, 32, 9, 9), 'layer { name: "l" type: "BatchNorm" bottom: "x" top: "y" '
-                                                 'batch_norm_param { use_global_stats: false } }'),
-    "batchnorm_batch_statistics_in_place": ((16, 32, 9, 9), 'layer { name: "l" type: "BatchNorm" bottom: "x" '
-                                                          'top: "x" batch_norm_param { use_global_stats: false } }'),
-    "batchnorm_global_statistics": ((16, 32, 9, 9), 'layer { name: "l" type: "BatchNorm" bottom: "x" top: "y" '
-                                                  'batch_norm_param { use_global_stats: true } }'),
+    "conv_3x3_one_image_per_gemm": ((4, 3, 60, 60), conv("num_output: 4 kernel_size: 3 pad: 1")),
+    "conv_3x3_images_side_by_side": ((12, 4, 6, 6), conv("num_output: 6 kernel_size: 3 pad: 1")),
+    "conv_group_stride_side_by_side": ((12, 4, 9, 9), conv("num_output: 6 kernel_size: 3 stride: 2 group: 2")),
+    "conv_1x1_no_bias": ((6, 5, 7, 7), conv("num_output: 3 kernel_size: 1 bias_term: false")),
+    "conv_5x5_pad_stride": ((5, 2, 11, 13), conv("num_output: 3 kernel_size: 5 pad: 2 stride: 2")),
+    "maxpool_2x2": ((4, 5, 12, 12), pool("pool: MAX kernel_size: 2 stride: 2")),
+    "maxpool_3x3_s2_pad_ceil": ((4, 5, 13, 13), pool("pool: MAX kernel_size: 3 stride: 2 pad: 1")),
+    "maxpool_with_mask_top": ((4, 5, 10, 10), pool("pool: MAX kernel_size: 3 stride: 2", tops=("y", "mask"))),
+    "avepool_3x3_pad": ((4, 5, 11, 11), pool("pool: AVE kernel_size: 3 stride: 2 pad: 1")),
+    "relu": ((4, 8, 40, 40), layer("ReLU")),
+    "leaky_relu_in_place": ((4, 8, 40, 40), layer("ReLU", "relu_param { negative_slope: 0.1 }", tops=("x",))),
+    "prelu_channelwise": ((4, 8, 40, 40), layer("PReLU")),
+    "prelu_shared_in_place": ((4, 8, 40, 40), layer("PReLU", "prelu_param { channel_shared: true }", tops=("x",))),
+    "prelu_2d_blob": ((64, 300), layer("PReLU")),
+    "batchnorm_batch_statistics": ((16, 32, 9, 9), layer("BatchNorm", "batch_norm_param { use_global_stats: false }")),
+    "batchnorm_batch_statistics_in_place": ((16, 32, 9, 9), layer("BatchNorm",
+                                                                  "batch_norm_param { use_global_stats: false }",
+                                                                  tops=("x",))),
+    "batchnorm_global_statistics": ((16, 32, 9, 9), layer("BatchNorm", "batch_norm_param { use_global_stats: true }")),
 }
 # BatchNorm's blobs are statistics, not learned: Caffe computes no gradient for them.
 NO_PARAM_GRADIENTS = ("batchnorm_batch_statistics", "batchnorm_batch_statistics_in_place",
@@ -71,9 +75,9 @@ GROUPED_SUMS = {"conv_3x3_one_image_per_gemm": ("param",),
                 "conv_group_stride_side_by_side": ("param", "top", "bottom")}
 
 
-def net_text(shape, layer):
+def net_text(shape, text):
     return ('force_backward: true\nlayer { name: "in" type: "Input" top: "x" input_param { shape { %s } } }\n%s\n'
-            % (" ".join("dim: %d" % d for d in shape), layer))
+            % (" ".join("dim: %d" % d for d in shape), text))
 
 
 def inputs(shape, seed, pooling):
@@ -90,17 +94,17 @@ def inputs(shape, seed, pooling):
 
 def build(caffe, folder, name, seed=0):
     """The case's net with seeded input, parameters and top gradient R (objective: sum(top * R))."""
-    shape, layer = CASES[name]
+    shape, text = CASES[name]
     path = os.path.join(str(folder), name + ".prototxt")
     with open(path, "w") as f:
-        f.write(net_text(shape, layer))
+        f.write(net_text(shape, text))
     net = caffe.Net(path, caffe.TEST)
     rng = np.random.default_rng(seed + 1)
-    base = inputs(shape, seed, "Pooling" in layer)
+    base = inputs(shape, seed, "Pooling" in text)
     net.blobs["x"].data[...] = base
     for blob in net.params.get("l", []):
         blob.data[...] = rng.uniform(-0.5, 0.5, blob.data.shape)
-    if "BatchNorm" in layer:  # a valid state: variance > 0, scale factor 1
+    if "BatchNorm" in text:  # a valid state: variance > 0, scale factor 1
         net.params["l"][1].data[...] = rng.uniform(0.5, 1.5, net.params["l"][1].data.shape)
         net.params["l"][2].data[...] = 1.0
     top = net.top_names["l"][0]
