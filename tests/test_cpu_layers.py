@@ -237,3 +237,23 @@ def test_the_build_runs_its_cpu_layers_on_openmp_threads():
                 if n.startswith("libcaffe.so")][0]
     ldd = subprocess.run(["ldd", libcaffe], capture_output=True, text=True).stdout
     assert "libgomp" in ldd and "openblas-openmp" in ldd, ldd
+
+
+def test_max_pooling_window_without_a_maximum_passes_no_gradient(caffe, tmp_path):
+    """A window of only -inf has no maximum (index -1). Caffe added its gradient to
+    bottom_diff[-1] of its plane, the previous plane's last element, which planes on threads
+    would race on; patch 0011 drops it. Here plane 1's first window is all -inf: plane 0's
+    last element keeps exactly its own gradient."""
+    path = tmp_path / "pool.prototxt"
+    path.write_text(net_text((1, 2, 4, 4), pool("pool: MAX kernel_size: 2 stride: 2")))
+    net = caffe.Net(str(path), caffe.TEST)
+    x = np.arange(32, dtype=np.float32).reshape(1, 2, 4, 4)
+    x[0, 1, :2, :2] = -np.inf
+    net.blobs["x"].data[...] = x
+    net.forward()
+    assert net.blobs["y"].data[0, 1, 0, 0] == np.float32(-3.4028235e38)  # -FLT_MAX: no maximum found
+    net.blobs["y"].diff[...] = 1.0
+    net._backward(len(net.layers) - 1, 0)
+    diff = net.blobs["x"].diff
+    assert diff[0, 0, 3, 3] == 1.0  # plane 0's own window maximum, and nothing from plane 1
+    assert diff.sum() == 7.0  # 8 windows, one without a maximum
