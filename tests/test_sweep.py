@@ -54,6 +54,9 @@ def test_two_workers_share_a_file_study(repo, lmdb_dir, tmp_path):
     finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
     assert 4 <= len(finished) <= 5 and len(finished) == len(trials)  # one more if both were mid-trial at the end
     assert len({t.user_attrs["worker"]["pid"] for t in finished}) == 2  # both workers trained trials
+    # Both workers name the grid's points alike: one grid_id, one set of values (and every point run).
+    points = {(t.system_attrs["grid_id"], tuple(sorted(t.params.items()))) for t in trials}
+    assert len(points) == len({grid_id for grid_id, _ in points}) == 4, sorted(points)
     states = {t.state.name for t in finished}
     assert states == {"COMPLETE", "PRUNED"}, [(t.params, t.state.name, t.intermediate_values) for t in trials]
     for t in finished:

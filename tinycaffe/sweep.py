@@ -190,8 +190,11 @@ def make_pruner(name, options):
 
 
 def make_sampler(name, space):
-    """Seeded per worker process (the space's seed + the pid): workers started together, and a
-    study continued later, must not draw the same values again."""
+    """TPE and random seeded per worker process (the space's seed + the pid): workers started
+    together, and a study continued later, must not draw the same values again. The grid is
+    seeded by the space alone: GridSampler shuffles its points with the seed and names each by
+    its place in that order (the trial's grid_id), so every worker must hold the same order,
+    or one worker's point 2 is another's point 0, and points are run twice while others never."""
     import optuna
     seed = space["seed"] + os.getpid()
     if name == "tpe":
@@ -199,7 +202,7 @@ def make_sampler(name, space):
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":
-        return optuna.samplers.GridSampler(grid_space(space), seed=seed)
+        return optuna.samplers.GridSampler(grid_space(space), seed=space["seed"])
     raise SweepError("unknown --sampler '%s' (valid: %s)" % (name, ", ".join(SAMPLERS)))
 
 
