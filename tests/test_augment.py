@@ -322,3 +322,60 @@ def test_a_malformed_manifest_basis_is_named(tmp_path, basis, message):
         augment.read_basis(str(tmp_path))
     assert str(tmp_path / "manifest.json") in str(caught.value) and "\n" not in str(caught.value)
     assert augment.read_basis(str(tmp_path / "elsewhere")) is None  # no manifest: ImageNet's basis is used
+
+
+@pytest.mark.parametrize("text, message", [
+    ("random_resized_crop_param { min_aspect: 1000 max_aspect: 2000 }", "leaves no crop of a 64x64 image"),
+    ("random_resized_crop_param { min_aspect: 0.0001 max_aspect: 0.0002 }", "leaves no crop of a 64x64 image"),
+    ("random_resized_crop_param { max_aspect: inf }", "aspect is 0.75..inf"),
+    ("distort_param { brightness_prob: 0.5 brightness_delta: inf }", "brightness_delta is inf"),
+    ("lighting_param { alphastd: 0.1 eigval: [1, 2, 3] eigvec: [1, 0, 0, 0, nan, 0, 0, 0, 1] }",
+     "negative or non-finite value"),
+    ("distort_param { contrast_prob: 0 contrast_upper: nan }", "contrast_lower/contrast_upper are 0/nan, expected finite"),
+])
+def test_check_transform_refuses_impossible_and_non_finite_values(text, message):
+    tp = text_format.Parse(text, caffe_env.caffe_pb2().TransformationParameter())
+    problems = augment.check_transform(tp, "net.prototxt (layer 'data')")
+    assert len(problems) == 1 and message in problems[0], problems
+
+
+CAFFE_CHILD = """
+import sys, json
+sys.path.insert(0, sys.argv[1])
+from tinycaffe import caffe_env
+from test_augment import batches
+import pathlib
+caffe = caffe_env.import_caffe()
+caffe.set_mode_cpu()
+batches(caffe, pathlib.Path(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4]), count=2)
+print("ran")
+"""
+
+
+@pytest.mark.parametrize("transform, message", [
+    # An aspect range that leaves no fallback rectangle: a 0-pixel crop, once a SIGSEGV.
+    (dict(crop_size=4, random_resized_crop_param=dict(min_aspect=1000, max_aspect=2000)),
+     "leaves no crop of a 8x8 image"),
+    (dict(crop_size=4, random_resized_crop_param=dict(min_aspect=0.001, max_aspect=0.002)),
+     "leaves no crop of a 8x8 image"),
+    (dict(crop_size=4, random_resized_crop_param=dict(max_aspect="Infinity")), "max_aspect < inf"),
+    # A NaN or infinite PCA value trained on NaN input.
+    (dict(crop_size=4, lighting_param=dict(alphastd=0.1, eigval=[1, "NaN", 1], eigvec=[1, 0, 0, 0, 1, 0, 0, 0, 1])),
+     "eigval must be finite"),
+    (dict(crop_size=4, lighting_param=dict(alphastd=0.1, eigval=[1, 1, 1], eigvec=[1, 0, 0, 0, "Infinity", 0, 0, 0, 1])),
+     "eigvec must be finite"),
+    (dict(crop_size=4, distort_param=dict(brightness_prob=0.5, brightness_delta="Infinity")),
+     "every delta and bound must be finite"),
+])
+def test_caffe_itself_stops_on_impossible_augmentation_with_a_check(repo, tmp_path, noise_lmdb, transform, message):
+    """Patch 0012: the Data layer CHECKs what augment.check_transform refuses, for nets that never
+    went through tinycaffe's checks: an abort with the message, never a crash or NaN batches."""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, GLOG_logtostderr="1")
+    out = subprocess.run([sys.executable, "-c", CAFFE_CHILD, repo, str(tmp_path), noise_lmdb, json.dumps(transform)],
+                         capture_output=True, text=True, cwd=os.path.join(repo, "tests"), env=env, timeout=120)
+    assert out.returncode == -6 and "ran" not in out.stdout, (out.returncode, out.stderr[-2000:])  # SIGABRT: a CHECK
+    assert "Check failed" in out.stderr and message in out.stderr, out.stderr[-2000:]

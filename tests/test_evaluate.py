@@ -315,6 +315,31 @@ def test_ties_count_against_the_label_as_in_caffe_test(repo, trained, zeroed, tm
     assert re.findall(r"val top-1 ([\d.]+)", out.stdout) == ["0.0000"] * 3
 
 
+@pytest.fixture(scope="module")
+def nan_model(trained, caffe):
+    """The trained model with NaN classifier biases: every score of every image is NaN."""
+    net = caffe.Net(trained["deploy"], caffe.TEST, weights=trained["w150"])
+    net.params["fc_out"][1].data[...] = np.nan
+    path = os.path.join(str(trained["root"]), "nan.caffemodel")
+    net.save(path)
+    return path
+
+
+def test_a_model_with_non_finite_outputs_gets_no_score(repo, trained, nan_model, tmp_path):
+    theirs = run_caffe_test(trained["train_val"], nan_model)
+    assert theirs["accuracy_top1"] == 1.0  # Caffe's Accuracy counts a NaN score as right: what we must not say
+    out = tool(repo, "evaluate", "--deploy", trained["deploy"], "--weights", nan_model, "--quiet",
+               "--out", str(tmp_path), *lmdb_args(trained))
+    assert out.returncode == 1 and not os.listdir(tmp_path), out.stdout
+    assert out.stderr.strip() == ("evaluate.py: error: %s: its outputs hold NaN or inf for 100 of 100 images (diverged "
+                                  "weights): no score; use an earlier snapshot" % nan_model)
+    for extra in ([], ["--val-lmdb", os.path.join(trained["lmdb"], "val_lmdb")]):
+        out = tool(repo, "make_submission", "--model", trained["deploy"], trained["w150"], "--model",
+                   trained["deploy"], nan_model, *lmdb_args(trained, "test"), "--out", str(tmp_path / "s.txt"), *extra)
+        assert out.returncode == 1 and not os.path.exists(tmp_path / "s.txt"), out.stdout
+        assert "%s: its outputs hold NaN or inf for" % nan_model in out.stderr and "val top-1" not in out.stdout
+
+
 # ---------------------------------------------------------------- data that does not fit the model
 @pytest.fixture(scope="module")
 def small_images(trained, tmp_path_factory):

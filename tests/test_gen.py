@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from google.protobuf import text_format
 
 from tinycaffe import nets
@@ -121,3 +122,56 @@ def test_augment_without_a_basis_uses_imagenets_and_says_so(repo, tmp_path):
     assert [round(v, 4) for v in lighting.eigval] == augment.IMAGENET_PCA_BGR["eigval"]
     bad = run_tool(repo, "--augment", "color", "--out", str(tmp_path / "q"))
     assert bad.returncode == 2 and "invalid choice: 'color'" in bad.stderr and "colour" in bad.stderr
+
+
+def read(path, message):
+    text_format.Merge(open(path).read(), message)
+    return message
+
+
+def test_recipes_are_the_papers_and_say_so(repo):
+    """PReLU slopes undecayed (He et al. 2015), ResNets at weight decay 1e-4 (He et al. 2016), and the
+    seed variants on the paper's own numbers; each generated header names its source."""
+    pb2 = caffe_pb2()
+    for variant in nets.VARIANTS:
+        folder = os.path.join(repo, "prototxt", variant)
+        net = read(os.path.join(folder, "train_val.prototxt"), pb2.NetParameter())
+        solver = read(os.path.join(folder, "solver.prototxt"), pb2.SolverParameter())
+        header = open(os.path.join(folder, "solver.prototxt")).read().split("\ntest_iter")[0]
+        prelus = [layer for layer in net.layer if layer.type == "PReLU"]
+        assert all([(p.lr_mult, p.decay_mult) for p in layer.param] == [(1, 0)] for layer in prelus), variant
+        assert ("PReLU slopes without weight decay" in header) == bool(prelus), variant
+        if variant.startswith("resnet"):
+            assert solver.weight_decay == pytest.approx(1e-4) and "He et al. 2016" in header, variant
+        else:
+            assert solver.weight_decay == pytest.approx(5e-4), variant
+        assert "# recipe: base_lr %g, weight_decay %g" % (solver.base_lr, solver.weight_decay) in header
+    for variant in ("alexnet", "alexnet_small", "alexnet_prelu"):  # the paper's: 0.01, /10 every 5,000
+        solver = read(os.path.join(repo, "prototxt", variant, "solver.prototxt"), pb2.SolverParameter())
+        assert (solver.base_lr, solver.lr_policy, solver.stepsize, solver.gamma, solver.momentum) == \
+            (pytest.approx(0.01), "step", 5000, pytest.approx(0.1), pytest.approx(0.9))
+    assert len([layer for layer in read(os.path.join(repo, "prototxt", "alexnet_prelu", "train_val.prototxt"),
+                                        pb2.NetParameter()).layer if layer.type == "PReLU"]) == 7
+
+
+def test_from_to_rewrites_every_path_for_the_new_folder(repo, tmp_path):
+    out = run_tool(repo, "--from", "prototxt/tiny", "--to", str(tmp_path / "mine"), cwd=repo)
+    assert out.returncode == 0, out.stderr
+    pb2 = caffe_pb2()
+    solver = read(tmp_path / "mine" / "solver.prototxt", pb2.SolverParameter())
+    net = read(tmp_path / "mine" / "train_val.prototxt", pb2.NetParameter())
+    # Outside prototxt/, paths are relative to the user's directory (here the repo): the same files.
+    assert solver.net == os.path.relpath(str(tmp_path / "mine" / "train_val.prototxt"), repo)
+    assert solver.snapshot_prefix == "runs/mine/mine"
+    assert [layer.data_param.source for layer in net.layer[:2]] == ["data/lmdb/train_lmdb", "data/lmdb/val_lmdb"]
+    original = read(os.path.join(repo, "prototxt", "tiny", "train_val.prototxt"), pb2.NetParameter())
+    assert [layer.name for layer in net.layer] == [layer.name for layer in original.layer]
+    moved = run_tool(repo, "--from", os.path.join(repo, "prototxt", "tiny"), "--to", "elsewhere", cwd=str(tmp_path))
+    assert moved.returncode == 0, moved.stderr
+    net = read(tmp_path / "elsewhere" / "train_val.prototxt", pb2.NetParameter())
+    assert net.layer[0].data_param.source == os.path.relpath(os.path.join(repo, "data/lmdb/train_lmdb"), str(tmp_path))
+    for args, needle in ((["--from", "prototxt/tiny"], "--from and --to go together"),
+                         (["--from", "prototxt/nothing", "--to", str(tmp_path / "x")], "no solver.prototxt there")):
+        bad = run_tool(repo, *args)
+        assert bad.returncode == 1 and needle in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "x")

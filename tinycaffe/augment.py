@@ -101,11 +101,23 @@ def _between(value, low, high):
     return math.isfinite(value) and low <= value <= high
 
 
-def check_transform(tp, where, channels=3):
+def resized_crop_fallback(height, width, r):
+    """(crop_h, crop_w) of the random-resized crop's centred fallback (patch 0010's
+    SampleResizedCrop, torchvision's): the largest rectangle whose aspect is in range."""
+    h, w = height, width
+    if width / height < r.min_aspect:
+        h = int(round(w / r.min_aspect))
+    elif width / height > r.max_aspect:
+        w = int(round(h * r.max_aspect))
+    return h, w
+
+
+def check_transform(tp, where, channels=3, image_side=None):
     """Problems (one line each) with a transform_param's augmentation fields; [] when fine.
 
-    Caffe would stop on most of these with a CHECK failure and a stack dump; this says
-    which field and what was expected, before a run starts.
+    Caffe would stop on most of these with a CHECK failure and a stack dump (patch 0012 makes
+    the rest CHECKs too); this says which field and what was expected, before a run starts.
+    image_side: the images' side when known (default 64, SPEC's), for the random-resized crop.
     """
     problems = []
     if tp.HasField("distort_param"):
@@ -123,6 +135,9 @@ def check_transform(tp, where, channels=3):
             lower, upper = getattr(d, kind + "_lower"), getattr(d, kind + "_upper")
             if getattr(d, kind + "_prob") > 0 and not (_between(lower, 0, math.inf) and _between(upper, lower, math.inf)):
                 problems.append("%s: distort_param.%s_lower/%s_upper are %g/%g, expected 0 <= lower <= upper"
+                                % (where, kind, kind, lower, upper))
+            elif not (math.isfinite(lower) and math.isfinite(upper)):  # unused, but Caffe (patch 0012) refuses it
+                problems.append("%s: distort_param.%s_lower/%s_upper are %g/%g, expected finite numbers"
                                 % (where, kind, kind, lower, upper))
     if tp.HasField("lighting_param"):
         lp = tp.lighting_param
@@ -147,4 +162,10 @@ def check_transform(tp, where, channels=3):
                             % (where, r.min_aspect, r.max_aspect))
         if r.max_attempts < 1:
             problems.append("%s: random_resized_crop_param.max_attempts is 0, expected >= 1" % where)
+        side = image_side or 64
+        if r.min_aspect > 0 and r.max_aspect >= r.min_aspect and min(resized_crop_fallback(side, side, r)) < 1:
+            problems.append("%s: random_resized_crop_param aspect %g..%g leaves no crop of a %dx%d image (its "
+                            "fallback rectangle is %dx%d), expected an aspect range within %g..%g"
+                            % ((where, r.min_aspect, r.max_aspect, side, side) + resized_crop_fallback(side, side, r)
+                               + (1.0 / side, float(side))))
     return problems

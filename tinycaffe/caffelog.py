@@ -15,9 +15,14 @@ OUTPUT = re.compile(r"(Train|Test) net output #\d+: (\S+) = ([-+.\deE]+|-?nan|-?
 ANNEAL = re.compile(r"tinycaffe: plateau anneal")
 
 
-def _seconds(match, day_offset):
+def seconds_of_day(match):
+    """The time of day, in seconds, of a TIME match (a glog line's timestamp)."""
     h, m, s, frac = (int(match.group(i)) for i in (2, 3, 4, 5))
-    return day_offset + h * 3600 + m * 60 + s + frac / 10 ** len(match.group(5))
+    return h * 3600 + m * 60 + s + frac / 10 ** len(match.group(5))
+
+
+def _seconds(match, day_offset):
+    return day_offset + seconds_of_day(match)
 
 
 def parse_float(text):
@@ -120,9 +125,17 @@ def plot(train, test, path, title=""):
     os.replace(tmp, path)
 
 
-def write_outputs(log_path, out_dir, title=""):
-    """train.csv, test.csv and curves.png for a log; returns (train rows, test rows)."""
+def write_outputs(log_path, out_dir, title="", events=()):
+    """train.csv, test.csv and curves.png for a log; returns (train rows, test rows). events: rows
+    the log's outputs do not carry (a divergence: {"NumIters", "loss", "event"}), added to train.csv
+    at their iteration (where a row of that iteration exists, its columns are filled in)."""
     train, test = parse(log_path)
+    by_iteration = {r["NumIters"]: r for r in train}
+    for event in events:
+        row = by_iteration.setdefault(event["NumIters"], {"NumIters": event["NumIters"], "Seconds": "",
+                                                          "LearningRate": math.nan})
+        row.update({k: v for k, v in event.items() if k not in row or k == "event"})
+    train = [by_iteration[k] for k in sorted(by_iteration)]
     os.makedirs(out_dir, exist_ok=True)
     write_csv(train, os.path.join(out_dir, "train.csv"))
     write_csv(test, os.path.join(out_dir, "test.csv"))

@@ -18,7 +18,7 @@ import tempfile
 
 from google.protobuf import text_format
 
-from . import augment, data, fit
+from . import fit, prechecks
 from .caffe_env import caffe_pb2
 from .files import PrototxtError, parse_prototxt
 
@@ -217,64 +217,13 @@ def compare_pair(train_val_path, tv_info, deploy_path, dp_info):
 
 
 def check_solver(path, message):
-    problems = []
-    net = message.net or message.train_net
-    if not net:
-        problems.append("%s: no net (set `net: \"prototxt/VARIANT/train_val.prototxt\"`)" % path)
-    elif not os.path.isfile(net):
-        problems.append("%s: net %s does not exist (paths are relative to where caffe runs: the repo root)"
-                        % (path, net))
-    if message.type == "AdaGrad" and message.momentum:
-        problems.append("%s: AdaGrad takes no momentum (Caffe aborts); remove `momentum`" % path)
-    if message.lr_policy == "step" and message.stepsize <= 0:
-        problems.append("%s: lr_policy \"step\" needs stepsize > 0" % path)
-    if message.lr_policy == "multistep" and list(message.stepvalue) != sorted(set(message.stepvalue)):
-        problems.append("%s: lr_policy \"multistep\" needs increasing stepvalue entries" % path)
+    problems = prechecks.solver_problems(message, path, fit.base_for(path))
     steps = ("stepvalue %s" % ",".join(map(str, message.stepvalue)) if message.lr_policy == "multistep"
              else "stepsize %d" % message.stepsize)
     summary = ("%s: solver %s, base_lr %g, lr_policy %s (%s, gamma %g), max_iter %d, %s mode"
                % (path, message.type or "SGD", message.base_lr, message.lr_policy, steps,
                   message.gamma, message.max_iter, "GPU" if message.solver_mode == 1 else "CPU"))
     return summary, problems
-
-
-def input_side(net):
-    """The crop a deploy net expects (its Input layer's last dim), or 0."""
-    for layer in net.layer:
-        if layer.type == "Input" and layer.input_param.shape:
-            return layer.input_param.shape[0].dim[-1]
-    return 0
-
-
-def check_fit(path, net, lmdb_dir=None):
-    """Problems where the net does not fit its data: its Data layers' own LMDBs, and with
-    lmdb_dir (gen_prototxt.py --lmdb-dir) that folder's labels.txt and train images too."""
-    problems = []
-    try:
-        fit.check_data_layers(net, path)
-        if lmdb_dir:
-            lmdb = os.path.join(lmdb_dir, "train_lmdb")
-            found = fit.net_classes(net)
-            if found:
-                labels = os.path.join(lmdb_dir, "labels.txt")
-                fit.check_classes(found[0], "%s (layer '%s')" % (path, found[1]), lmdb,
-                                  labels if os.path.isfile(labels) else None)
-            crops = [layer.transform_param.crop_size for layer in net.layer if layer.type in DATA_LAYER_TYPES]
-            if os.path.isfile(os.path.join(lmdb, "data.mdb")):
-                for crop in crops or [input_side(net)]:
-                    fit.check_crop(crop, path, lmdb)
-    except (fit.FitError, data.DataError) as exc:
-        problems.append(str(exc))
-    return problems
-
-
-def check_augmentation(path, net):
-    """Problems with the Data layers' augmentation fields (Caffe patch 0010), one line each."""
-    problems = []
-    for layer in net.layer:
-        if layer.type in DATA_LAYER_TYPES and layer.HasField("transform_param"):
-            problems.extend(augment.check_transform(layer.transform_param, "%s (layer '%s')" % (path, layer.name)))
-    return problems
 
 
 def check_files(paths, out=print, lmdb_dir=None):
@@ -291,8 +240,7 @@ def check_files(paths, out=print, lmdb_dir=None):
             out(summary)
             problems.extend(found)
             continue
-        problems.extend(check_fit(path, message, lmdb_dir))
-        problems.extend(check_augmentation(path, message))
+        problems.extend(prechecks.net_problems(message, path, fit.base_for(path), need_data=False, lmdb_dir=lmdb_dir))
         phases = ("TRAIN", "TEST") if is_train_val(message) else ("TEST",)
         notes = []
         for phase in phases:

@@ -205,8 +205,9 @@ class Predictions:
         self.model_probs, self.model_scores, self.seconds = model_probs, model_scores, seconds
 
 
-def predict(nets_and_weights, lmdb_path, mean, tta="center", batch=DEFAULT_BATCH, progress=None):
-    """Averaged probabilities of several (net, model weight) pairs over every record -> Predictions."""
+def predict(nets_and_weights, lmdb_path, mean, tta="center", batch=DEFAULT_BATCH, progress=None, names=None):
+    """Averaged probabilities of several (net, model weight) pairs over every record -> Predictions.
+    names: what to call each model in an error (its .caffemodel), default "model N"."""
     check_batch(batch)
     nets = [n for n, _ in nets_and_weights]
     crop = net_crop(nets[0])
@@ -253,10 +254,22 @@ def predict(nets_and_weights, lmdb_path, mean, tta="center", batch=DEFAULT_BATCH
                         "another dataset" % (lmdb_path, max(labels), n_classes))
     model_probs = [np.concatenate(p) if p else np.zeros((0, n_classes)) for p, _ in per_model]
     model_scores = [np.concatenate(s) if s else np.zeros((0, n_classes)) for _, s in per_model]
+    for name, probs, scores in zip(names or ["model %d" % (i + 1) for i in range(len(nets))], model_probs,
+                                   model_scores):
+        require_finite(name, probs, scores)
     weights = np.array([w for _, w in nets_and_weights], np.float64)
     weights = weights / weights.sum()
     ensemble = sum(w * p for w, p in zip(weights, model_probs))
     return Predictions(keys, np.array(labels, np.int64), ensemble, model_probs, model_scores, seconds)
+
+
+def require_finite(name, probs, scores):
+    """Refuse outputs that hold NaN or inf: Caffe's Accuracy rule counts a NaN score as right, so
+    diverged weights would score 100 %; no number is better than that one."""
+    bad = int((~np.isfinite(probs).all(axis=1) | ~np.isfinite(scores).all(axis=1)).sum())
+    if bad:
+        raise EvalError("%s: its outputs hold NaN or inf for %d of %d images (diverged weights): no score; use an "
+                        "earlier snapshot" % (name, bad, len(probs)))
 
 
 def topk_correct(scores, labels, k):

@@ -63,10 +63,15 @@ def batch_norm(n, suffix, bottom, moving_average=None):
     return bottom
 
 
+# PReLU's slopes learn without weight decay: He et al. (2015, arXiv:1502.01852, sec. 2.1) "do not use
+# weight decay (l2 regularization) when updating a_i"; decay would pull them towards ReLU.
+PRELU_PARAMS = [dict(lr_mult=1, decay_mult=0)]
+
+
 def activation(n, suffix, bottom, kind):
     """ReLU or PReLU (learned per-channel slope, initialised at 0.25 as in He et al.), in place."""
     if kind == "prelu":
-        setattr(n, "prelu" + suffix, L.PReLU(bottom, name="prelu" + suffix, in_place=True))
+        setattr(n, "prelu" + suffix, L.PReLU(bottom, name="prelu" + suffix, in_place=True, param=PRELU_PARAMS))
     else:
         setattr(n, "relu" + suffix, L.ReLU(bottom, name="relu" + suffix, in_place=True))
     return bottom
@@ -290,12 +295,18 @@ class Variant:
     input_scale: float = 1.0  # multiplies the mean-subtracted pixels inside the net (a Power layer)
     solver_family: str = "paper"  # solver.py's recipe: "paper" (step, 0.01) or "bn" (multistep, 0.1)
     lr_scale: float = 1.0  # multiplies the family's base LR (which already follows the batch size)
+    weight_decay: float = None  # None: the solver family's (AlexNet's 5e-4)
+    recipe_source: str = "AlexNet's solver and the paper's schedule"  # where its solver's numbers come from
 
 
 # resnet_tiny trains at 4x the BN recipe's LR (0.1 at batch 32 instead of 0.025): in tiny's CPU
 # budget on the quickstart's sample (bench_learn.py, 3 seeds) it reached 60.2% val top-1 at 1x and
 # 76.5% at 4x, against tiny's 61.5% (README, "resnet_tiny").
 RESNET_TINY_LR_SCALE = 4.0
+# ResNets train with weight decay 1e-4: He et al. (2016, sec. 3.4 ImageNet and 4.2 CIFAR) and
+# fb.resnet.torch; AlexNet's 5e-4 is five times that.
+RESNET_WEIGHT_DECAY = 1e-4
+RESNET_RECIPE = "He et al. 2016 (weight decay 1e-4, LR 0.1 /10 at 50%/75%) and fb.resnet.torch"
 
 
 # Xavier assumes unit-variance inputs; mean-subtracted pixels have a std near 64. Unscaled,
@@ -323,14 +334,18 @@ VARIANTS = {v.name: v for v in (
     # The residual and Inception nets have BatchNorm right after their first conv: it normalises
     # whatever scale the pixels come in, so they take no 1/64 input scaling (input_scale 1).
     Variant("resnet18", "ResNet-18, 3x3 stem, 4 stages of 2 basic blocks (64-512), BN, He init", "—",
-            residual_family, dict(widths=RESNET_WIDTHS, depth=18), solver_family="bn"),
+            residual_family, dict(widths=RESNET_WIDTHS, depth=18), solver_family="bn",
+            weight_decay=RESNET_WEIGHT_DECAY, recipe_source=RESNET_RECIPE),
     Variant("resnet34", "ResNet-34, 3x3 stem, stages of 3/4/6/3 basic blocks (64-512), BN, He init", "—",
-            residual_family, dict(widths=RESNET_WIDTHS, depth=34), solver_family="bn"),
+            residual_family, dict(widths=RESNET_WIDTHS, depth=34), solver_family="bn",
+            weight_decay=RESNET_WEIGHT_DECAY, recipe_source=RESNET_RECIPE),
     Variant("inception_small", "stem + 4 Inception modules (1x1, 3x3, 2x3x3, pool proj; Concat), BN, GAP", "—",
-            inception_family, dict(stem=64, stages=INCEPTION_STAGES), solver_family="bn"),
+            inception_family, dict(stem=64, stages=INCEPTION_STAGES), solver_family="bn",
+            recipe_source="the BatchNorm nets' LR 0.1 /10 at 50%/75% (He et al. 2016), AlexNet's weight decay"),
     Variant("resnet_tiny", "the residual builder at 16/32/64 wide, 1 block a stage, stride-2 stem: a CPU demo net",
             "—", residual_family, dict(widths=RESNET_TINY_WIDTHS, blocks=(1, 1, 1), stem_stride=2), batch_size=32,
-            solver_family="bn", lr_scale=RESNET_TINY_LR_SCALE),
+            solver_family="bn", lr_scale=RESNET_TINY_LR_SCALE, weight_decay=RESNET_WEIGHT_DECAY,
+            recipe_source=RESNET_RECIPE + ", at 4x the LR (tinycaffe's CPU demo measurement)"),
 )}
 
 

@@ -18,12 +18,12 @@ import subprocess
 
 from google.protobuf import json_format, text_format
 
-from . import REPO_ROOT, __version__, caffe_env, data, devices, fit, nets, repo_path
+from . import REPO_ROOT, __version__, caffe_env, data, devices, fit, nets, prechecks, repo_path
 from .caffe_env import caffe_pb2
 from .files import PrototxtError, read_prototxt, write_text
 
 DEFAULT_RUNS = "runs"  # where run directories go, relative to the repo root
-DATA_LAYER_TYPES = ("Data",)
+DATA_LAYER_TYPES = prechecks.DATA_LAYER_TYPES
 RESUME_SOLVER = "resume_solver.prototxt"  # the run's solver, pointing at RESUME_NET
 RESUME_NET = "resume_train_val.prototxt"  # the run's net, TRAIN Data layers at start_offset
 
@@ -116,32 +116,21 @@ def solver_count(gpu):
 
 # ---------------------------------------------------------------- checks before launching
 def precheck(solver, solver_path, base=REPO_ROOT):
-    """What would fail late inside Caffe: net file, LMDB sources, mean files, and whether the
-    net fits its data (class count, crop). Paths in the solver and net are resolved against
-    base. Returns (absolute net path, the net with absolute data paths)."""
-    net_path = solver.net or solver.train_net
-    if not net_path:
-        raise RunError("%s: no `net:` (expected the train_val.prototxt path)" % solver_path)
-    net_path = fit.absolute(net_path, base)
-    if not os.path.isfile(net_path):
-        raise RunError("%s: net %s does not exist (paths in it are relative to %s)" % (solver_path, net_path, base))
-    net = read_message(net_path, caffe_pb2().NetParameter())
+    """What would fail late inside Caffe, or train something other than what the user meant:
+    prechecks' one list (the same as gen_prototxt.py --check runs). Paths in the solver and net
+    are resolved against base. Returns (absolute net path, the net with absolute data paths);
+    RunError with the first problem (and how many more) otherwise."""
+    problems, net_path, net = prechecks.all_problems(solver, solver_path, base)
+    if problems:
+        more = len(problems) - 1
+        raise RunError(problems[0] + (" (and %d more problem%s: tools/gen_prototxt.py --check %s)"
+                                      % (more, "s"[:more != 1], solver_path) if more else ""))
     for layer in net.layer:
-        if layer.type not in DATA_LAYER_TYPES:
-            continue
-        layer.data_param.source = source = fit.absolute(layer.data_param.source, base)
-        if not os.path.isfile(os.path.join(source, "data.mdb")):
-            raise RunError("%s: layer '%s' reads %s, which is not an LMDB (run tools/make_lmdb.py first)"
-                           % (net_path, layer.name, source))
-        mean = fit.absolute(layer.transform_param.mean_file, base)
-        if mean:  # assigning "" would set the field, and Caffe would try to open a mean file ""
-            layer.transform_param.mean_file = mean
-        if mean and not os.path.isfile(mean):
-            raise RunError("%s: layer '%s' needs mean file %s, which does not exist" % (net_path, layer.name, mean))
-    try:
-        fit.check_data_layers(net, net_path)
-    except (fit.FitError, data.DataError) as exc:
-        raise RunError(str(exc)) from exc
+        if layer.type in DATA_LAYER_TYPES:
+            layer.data_param.source = fit.absolute(layer.data_param.source, base)
+            mean = fit.absolute(layer.transform_param.mean_file, base)
+            if mean:  # assigning "" would set the field, and Caffe would try to open a mean file ""
+                layer.transform_param.mean_file = mean
     return net_path, net
 
 
@@ -321,7 +310,7 @@ def drop_diverged_snapshots(run_dir, keep_up_to):
     for n in sorted(pairs, reverse=True):
         model = [p for p in pairs[n] if p.endswith(".caffemodel")]
         after = keep_up_to is not None and n > keep_up_to
-        if not after and all(_finite_weights(p) for p in model):
+        if not after and all(finite_weights(p) for p in model):
             return sorted(removed), (model[0] if model else None)
         for path in pairs[n]:
             os.unlink(path)
@@ -329,12 +318,23 @@ def drop_diverged_snapshots(run_dir, keep_up_to):
     return sorted(removed), None
 
 
-def _finite_weights(caffemodel):
-    import numpy as np
+def _read_caffemodel(caffemodel):
     net = caffe_pb2().NetParameter()
     with open(caffemodel, "rb") as f:
         net.ParseFromString(f.read())
+    return net
+
+
+def finite_weights(caffemodel):
+    """True when every value of every blob (weights, biases, BatchNorm statistics) is finite."""
+    import numpy as np
+    net = _read_caffemodel(caffemodel)
     return all(np.isfinite(np.asarray(b.data, np.float32)).all() for layer in net.layer for b in layer.blobs)
+
+
+def parameter_count(caffemodel):
+    """Values stored in a .caffemodel: every blob of every layer, as --check's table counts them."""
+    return sum(len(b.data) for layer in _read_caffemodel(caffemodel).layer for b in layer.blobs)
 
 
 def git_commit():

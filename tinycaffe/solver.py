@@ -33,10 +33,12 @@ def test_batch_for(val_count, limit=MAX_TEST_BATCH):
 
 
 def make_solver(net_path, snapshot_prefix, val_count, schedule="fast", solver_type="sgd", mode="gpu",
-                max_iter=None, seed=RANDOM_SEED, test_interval=None, family="paper", batch=BN_BATCH, lr_scale=1.0):
+                max_iter=None, seed=RANDOM_SEED, test_interval=None, family="paper", batch=BN_BATCH, lr_scale=1.0,
+                weight_decay=None):
     """A SolverParameter for train_val at net_path. test_iter = val_count / test batch.
     family "paper": the paper's step schedule from 0.01; "bn": multistep from 0.1 x batch/128,
-    /10 at 50% and 75% of max_iter (the schedule's length). lr_scale multiplies the base LR."""
+    /10 at 50% and 75% of max_iter (the schedule's length). lr_scale multiplies the base LR;
+    weight_decay None is AlexNet's WEIGHT_DECAY."""
     if family not in FAMILIES:
         raise ValueError("unknown solver family '%s' (valid: %s)" % (family, ", ".join(FAMILIES)))
     if schedule not in SCHEDULES:
@@ -66,7 +68,7 @@ def make_solver(net_path, snapshot_prefix, val_count, schedule="fast", solver_ty
     s.base_lr *= lr_scale
     if solver_type != "adagrad":
         s.momentum = MOMENTUM
-    s.weight_decay = WEIGHT_DECAY
+    s.weight_decay = WEIGHT_DECAY if weight_decay is None else weight_decay
     s.type = SOLVER_TYPES[solver_type]
     s.display = DISPLAY
     s.snapshot = plan["snapshot"]

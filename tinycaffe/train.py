@@ -5,9 +5,12 @@ The Caffe process (binary or pycaffe worker) runs as a child whose log this
 process tees into run_dir/caffe.log and the terminal; it watches the loss, and at
 the end writes train.csv, test.csv, curves.png and the final numbers into run.json.
 """
+import glob
+import json
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -72,7 +75,11 @@ def launch(args, argv, observer=None, stops=None):
         run_dir = os.path.abspath(args.run_dir or runs.new_run_dir(variant, runs_root))
         if os.path.exists(run_dir) and os.listdir(run_dir):
             raise runs.RunError("--run-dir %s exists and is not empty (use --resume to continue it)" % run_dir)
-        used = runs.prepare(variant, solver_path, solver, net_path, net, run_dir, gpu)
+        try:
+            used = runs.prepare(variant, solver_path, solver, net_path, net, run_dir, gpu)
+        except OSError as exc:
+            raise runs.RunError("%s: cannot write the run directory (%s)"
+                                % (exc.filename or run_dir, exc.strerror or exc)) from exc
         solver_file = os.path.join(run_dir, "solver.prototxt")
         record = runs.start_record(variant, argv, used, gpu, args.engine,
                                    _anneal_settings(args), net)
@@ -81,17 +88,22 @@ def launch(args, argv, observer=None, stops=None):
                else _worker_command(run_dir, gpu, state, args.weights, record))
     log_path = os.path.join(run_dir, "caffe.log")
     with stops or StopSignals() as stops:  # from here on a signal can no longer leave run.json at "running"
-        runs.save_record(run_dir, record)
+        try:
+            runs.save_record(run_dir, record)
+        except OSError as exc:
+            raise runs.RunError("%s: cannot write run.json (%s)" % (run_dir, exc.strerror or exc)) from exc
         print("[train] run dir %s (%s, %s)" % (run_dir, args.engine, "gpu " + gpu if gpu else "cpu"),
               file=sys.stderr)
-        curves = live.LiveCurves(run_dir, runs.images_per_iteration(used, gpu))
+        curves = live.LiveCurves(run_dir, runs.images_per_iteration(used, gpu),
+                                 purge_step=runs.snapshot_iteration(state) if state else None,
+                                 warn=lambda message: print("[train] warning: " + message, file=sys.stderr))
         try:
             status, returncode, losses = _tee(command, log_path, record, run_dir, stops, curves, observer)
             if status == "finished" and args.engine == "binary" and not stops.stopping:
                 status, returncode = _final_test(run_dir, used, gpu, log_path, stops, curves, observer)
+            return _finish(run_dir, record, status, returncode, losses, curves, argv)
         finally:
             curves.close()
-        return _finish(run_dir, record, status, returncode, losses)
 
 
 def _anneal_settings(args):
@@ -212,6 +224,8 @@ class Losses:
 
     def __init__(self):
         self.first_bad = self.last_good = None
+        self.bad_value = None  # the logged loss at first_bad
+        self.write_error = None  # an OSError writing caffe.log (a full or read-only disk) stopped the run
 
 
 def _tee(command, log_path, record, run_dir, stops, curves=None, observer=None):
@@ -219,7 +233,8 @@ def _tee(command, log_path, record, run_dir, stops, curves=None, observer=None):
     curves), watch for divergence and anneals. -> (status, returncode, Losses)."""
     losses = Losses()
     # Line-buffered: a run killed hard (SIGKILL, OOM) keeps every line Caffe wrote.
-    with open(log_path, "a", buffering=1) as log:
+    log = _Log(log_path, losses)
+    with log:
         log.write(caffelog.glog_line("tinycaffe: %s" % " ".join(command)))
         # In the repo root: paths of runs made before tinycaffe wrote absolute ones (a solverstate's
         # learned_net among them) are relative to it; everything this side passes is absolute.
@@ -227,7 +242,8 @@ def _tee(command, log_path, record, run_dir, stops, curves=None, observer=None):
                                 preexec_fn=_ignore_stop_signals, cwd=REPO_ROOT)
         stops.attach(proc)
         for line in proc.stderr:
-            log.write(line)
+            if not log.write(line) and proc.poll() is None:
+                proc.kill()  # nothing it logs or snapshots can be kept now
             sys.stderr.write(line)
             stops.forward()
             if curves is not None:
@@ -241,19 +257,64 @@ def _tee(command, log_path, record, run_dir, stops, curves=None, observer=None):
                 if good:
                     losses.last_good = iteration
                 else:
-                    losses.first_bad = iteration
+                    losses.first_bad, losses.bad_value = iteration, line.strip().rsplit(" ", 1)[-1]
                     log.write(caffelog.glog_line("tinycaffe: loss diverged at iteration %d (%s); training stopped"
                                                  % (iteration, line.strip()[-40:]), "E"))
                     proc.kill()  # SIGKILL: no snapshot of NaN weights
             if record is not None and "tinycaffe: plateau anneal" in line:
                 record["anneals"].append(line.split("] ", 1)[-1].strip())
-                runs.save_record(run_dir, record)
+                try:
+                    runs.save_record(run_dir, record)
+                except OSError as exc:
+                    log.failed(exc)
         returncode = proc.wait()
+    if losses.write_error is not None:
+        return "failed", returncode, losses
     if losses.first_bad is not None or returncode == 3:
         return "diverged", returncode, losses
     if stops.received or returncode in (130, -signal.SIGINT):
         return "interrupted", returncode, losses
     return ("finished" if returncode == 0 else "failed"), returncode, losses
+
+
+class _Log:
+    """caffe.log, appended to line by line. A write that fails (disk full, read-only) is kept in
+    losses.write_error and ends the run, never the process with a traceback."""
+
+    def __init__(self, path, losses):
+        self.path, self.losses, self.file = path, losses, None
+
+    def __enter__(self):
+        try:
+            self.file = open(self.path, "a", buffering=1)
+        except OSError as exc:
+            self.failed(exc)
+        return self
+
+    def write(self, text):
+        """-> False once the log can no longer be written."""
+        if self.file is None:
+            return False
+        try:
+            self.file.write(text)
+            return True
+        except OSError as exc:
+            self.failed(exc)
+            return False
+
+    def failed(self, exc):
+        if self.losses.write_error is None:
+            self.losses.write_error = "%s: %s" % (exc.filename or self.path, exc.strerror or exc)
+        self.__exit__()
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError:
+                pass  # its buffer could not be written: already recorded, or the run ends anyway
+            self.file = None
+        return False
 
 
 LOSS_LINE = re.compile(r"Iteration (\d+).*, loss = (\S+)")
@@ -269,26 +330,83 @@ def _logged_loss(line):
     return int(m.group(1)), math.isfinite(value) and value < DIVERGED_LOSS
 
 
-def _finish(run_dir, record, status, returncode, losses):
+def _finish(run_dir, record, status, returncode, losses, curves=None, argv=None):
+    """The run's outputs (CSVs, curves.png, run.json) and its last words on the terminal. A run
+    whose final weights or val outputs are not finite ends "diverged", whatever Caffe said."""
     log_path = os.path.join(run_dir, "caffe.log")
-    kept, first_bad = None, losses.first_bad
+    train, test = caffelog.parse(log_path)
+    if status in ("finished", "interrupted"):
+        late = _late_divergence(run_dir, test)
+        if late is not None:
+            status, losses.first_bad, losses.last_good = "diverged", late, None
+    kept = None
     if status == "diverged":
-        # Kept: up to the last good loss line of this invocation; a run that diverged at its first
-        # line after a resume keeps what came before that line's iteration.
-        bound = losses.last_good if losses.last_good is not None else (
-            first_bad - 1 if first_bad is not None else None)
-        removed, kept = runs.drop_diverged_snapshots(run_dir, bound)
-        if removed:
+        kept = _drop_bad_snapshots(run_dir, losses, log_path)
+        if curves is not None and losses.first_bad is not None:
+            curves.event("diverged", losses.first_bad, "diverged at iteration %d%s" % (
+                losses.first_bad, " (loss %s)" % losses.bad_value if losses.bad_value else ""))
+    final = _final_numbers(run_dir, train, test, status, losses, kept)
+    if losses.write_error:
+        final["error"] = losses.write_error
+    events = ([{"NumIters": losses.first_bad, "loss": caffelog.parse_float(losses.bad_value or "nan"),
+                "event": "diverged"}] if status == "diverged" and losses.first_bad is not None else [])
+    try:
+        caffelog.write_outputs(log_path, run_dir, title="%s (%s)" % (record["variant"], run_dir), events=events)
+    except OSError as exc:  # a full disk: run.json below matters more than the CSVs and the plot
+        final.setdefault("error", "%s: %s" % (exc.filename or run_dir, exc.strerror or exc))
+        status = "failed"
+    exit_code = {"finished": 0, "interrupted": 130, "diverged": 3}.get(status, returncode or 1)
+    record.update(status=status, ended=runs.now(), final=final, exit_code=exit_code, caffe_exit_code=returncode)
+    if curves is not None:
+        curves.close()  # before the last words: a writer that failed says so now, not after them
+    saved = _save_record_last(run_dir, record)
+    _report(run_dir, record, status, final, losses, kept, argv, saved)
+    return exit_code
+
+
+def _late_divergence(run_dir, test):
+    """The iteration where a run that logged no bad loss went non-finite, or None: a val test
+    with a NaN/inf output (Caffe's Accuracy counts a NaN score as right: 100 %), or final
+    weights that are not finite (they went bad after the last logged loss line)."""
+    for row in test:
+        if any(isinstance(v, float) and not math.isfinite(v) for k, v in row.items()
+               if k not in ("NumIters", "Seconds", "LearningRate")):
+            return row["NumIters"]
+    newest = runs.newest_snapshot_iteration(run_dir)
+    models = glob.glob(os.path.join(run_dir, "snapshots", "*_iter_%d.caffemodel" % newest))
+    if models and not runs.finite_weights(models[0]):
+        return newest
+    return None
+
+
+def _drop_bad_snapshots(run_dir, losses, log_path):
+    """Delete the snapshots that may hold diverged weights; -> the newest one kept, or None.
+    Kept: up to the last good loss line of this invocation; a run that diverged at its first
+    line after a resume (or at a test) keeps what came before that iteration."""
+    first_bad = losses.first_bad
+    bound = losses.last_good if losses.last_good is not None else (first_bad - 1 if first_bad is not None else None)
+    removed, kept = runs.drop_diverged_snapshots(run_dir, bound)
+    if removed:
+        try:
             with open(log_path, "a") as log:
                 log.write(caffelog.glog_line("tinycaffe: removed %d snapshot file(s) with diverged weights: %s"
                                              % (len(removed), ", ".join(os.path.basename(p) for p in removed)), "W"))
-    train, test = caffelog.write_outputs(log_path, run_dir, title="%s (%s)" % (record["variant"], run_dir))
-    # The true last iteration: the final snapshot's (Caffe writes it after its last step), else the log's.
+        except OSError:
+            pass  # a full disk: the removal itself is what matters
+    return kept
+
+
+def _final_numbers(run_dir, train, test, status, losses, kept):
+    """run.json's `final`: the true last iteration (the final snapshot's, else the log's), the last
+    val test and the best of each accuracy; a diverged run's numbers stop before it diverged."""
     final = {"iterations": max([r["NumIters"] for r in train + test] + [runs.newest_snapshot_iteration(run_dir)])}
     if status == "diverged":
-        final["iterations"] = max([r["NumIters"] for r in train + test], default=0)
+        first_bad = losses.first_bad
+        final["iterations"] = max([r["NumIters"] for r in train + test] + [first_bad or 0])
         final["first_bad_iteration"] = first_bad
         final["last_good_snapshot"] = kept
+        if first_bad is not None:
+            test = [r for r in test if r["NumIters"] < first_bad]
     if test:
         last = test[-1]
         final.update({k: v for k, v in last.items() if k not in ("NumIters", "Seconds", "LearningRate")})
@@ -299,21 +417,85 @@ def _finish(run_dir, record, status, returncode, losses):
                 final["best_" + key] = max(values)
     if train:
         final["wall_seconds"] = train[-1]["Seconds"]
-    exit_code = {"finished": 0, "interrupted": 130, "diverged": 3}.get(status, returncode or 1)
-    record.update(status=status, ended=runs.now(), final=final, exit_code=exit_code, caffe_exit_code=returncode)
-    runs.save_record(run_dir, record)
-    print("[train] %s after %d iterations%s; run dir %s (curves.png, train.csv, test.csv, run.json)"
-          % (status, final["iterations"],
-             ", val top-1 %.4f at iteration %d (best %.4f)"
+    newest = glob.glob(os.path.join(run_dir, "snapshots", "*_iter_%d.caffemodel"
+                                    % runs.newest_snapshot_iteration(run_dir)))
+    if newest:
+        final["parameters"] = runs.parameter_count(newest[0])  # of the net this run trained
+    return final
+
+
+def _save_record_last(run_dir, record):
+    """run.json at the end of a run, in place when the atomic write finds no room for its copy (a
+    full disk: the file's own blocks still hold it). -> False when it could not be written at all."""
+    try:
+        runs.save_record(run_dir, record)
+        return True
+    except OSError:
+        pass
+    try:
+        with open(os.path.join(run_dir, "run.json"), "r+") as f:
+            f.write(json.dumps(record) + "\n")
+            f.truncate()
+        return True
+    except OSError:
+        return False
+
+
+def _report(run_dir, record, status, final, losses, kept, argv, saved):
+    """The run's last lines on the terminal: what it reached, and what to do next."""
+    verb = "diverged at iteration %d" % losses.first_bad if status == "diverged" and losses.first_bad is not None \
+        else "%s after %d iterations" % (status, final["iterations"])
+    print("[train] %s%s; run dir %s (curves.png, train.csv, test.csv, run.json)"
+          % (verb, ", val top-1 %.4f at iteration %d (best %.4f)"
              % (final["accuracy_top1"], final["tested_at"], final.get("best_accuracy_top1", math.nan))
              if "accuracy_top1" in final else "", run_dir), file=sys.stderr)
     if status == "diverged":
-        print("[train] error: the loss diverged at iteration %s (NaN or >= %.1f); check the data, lower base_lr. "
-              "%s" % (first_bad if first_bad is not None else "?", DIVERGED_LOSS,
-                      "Last good snapshot: %s (lower base_lr in %s, then --resume continues from it)"
-                      % (kept, os.path.join(run_dir, "solver.prototxt")) if kept
-                      else "No good snapshot remains: start again with a lower base_lr"), file=sys.stderr)
-    return exit_code
+        print("[train] error: the run diverged at iteration %s (a NaN or infinite loss, output or weight, or a loss "
+              ">= %.1f); check the data, lower base_lr. %s"
+              % (losses.first_bad if losses.first_bad is not None else "?", DIVERGED_LOSS,
+                 "Last good snapshot: %s (lower base_lr in %s, then --resume continues from it)"
+                 % (kept, os.path.join(run_dir, "solver.prototxt")) if kept
+                 else "No good snapshot remains: start again with a lower base_lr"), file=sys.stderr)
+    if status == "interrupted" and argv and resume_command(argv, run_dir):
+        print("[train] interrupted at iteration %d; continue it with: %s"
+              % (final["iterations"], resume_command(argv, run_dir)), file=sys.stderr)
+    if final.get("error"):
+        print("[train] error: %s; run %s%s" % (final["error"], status,
+                                               "" if saved else " (run.json could not be written either)"),
+              file=sys.stderr)
+
+
+# Flags of a run that a resume does not take again (it continues the run dir's own).
+_NOT_RESUMED = {"--run-dir": 1, "--runs-root": 1, "--weights": 1, "--resume": 0}
+
+
+def resume_command(argv, run_dir):
+    """The command line that continues this run: the same tool, target and flags, with
+    --resume --run-dir RUN_DIR instead of the flags that started it; None for a run that another
+    tool started (a sweep resumes its own trials)."""
+    tool, args = argv[0], list(argv[1:])
+    if tool not in ("train.sh", "train.py"):
+        return None
+    kept, skip = [], 0
+    for arg in args:
+        if skip:
+            skip -= 1
+            continue
+        name = arg.split("=", 1)[0]
+        if name in _NOT_RESUMED:
+            skip = _NOT_RESUMED[name] if "=" not in arg else 0
+            continue
+        kept.append(arg)
+    front = {"train.sh": [_from_cwd(os.path.join(REPO_ROOT, "scripts", "train.sh"))],
+             "train.py": [_from_cwd(sys.executable), _from_cwd(os.path.join(REPO_ROOT, "tools", "train.py"))]}
+    command = front[tool] + kept + ["--resume", "--run-dir", run_dir]
+    return " ".join(shlex.quote(part) for part in command)
+
+
+def _from_cwd(path):
+    """path as the user would type it here: relative when it lies below the current directory."""
+    rel = os.path.relpath(path)
+    return rel if not rel.startswith("..") else path
 
 
 # ---------------------------------------------------------------- the pycaffe worker (child process)

@@ -44,7 +44,8 @@ def main(argv=None):
         classes = evaluate.net_classes(net)
         total = data.lmdb_count(args.lmdb)
         with tqdm(total=total, unit="img", desc="evaluate", disable=args.quiet) as bar:
-            pred = evaluate.predict([(net, 1.0)], args.lmdb, mean, args.tta, args.batch, bar.update)
+            pred = evaluate.predict([(net, 1.0)], args.lmdb, mean, args.tta, args.batch, bar.update,
+                                    names=[args.weights])
     except (evaluate.EvalError, data.DataError, runs.RunError, CaffeNotFound) as exc:
         print("evaluate.py: error: %s" % exc, file=sys.stderr)
         return 1

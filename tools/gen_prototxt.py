@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Generate prototxt/<variant>/{train_val,deploy,solver}.prototxt for the paper's variants,
-or check hand-edited prototxt files with real Caffe (--check FILE ...)."""
+start a new variant from an old one (--from prototxt/tiny --to prototxt/mine), or check
+hand-edited prototxt files with real Caffe (--check FILE ...)."""
 import argparse
 import os
 import sys
@@ -9,12 +10,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tinycaffe import augment, gen, nets, solver  # noqa: E402
 from tinycaffe.caffe_env import CaffeNotFound  # noqa: E402
+from tinycaffe.files import PrototxtError  # noqa: E402
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--check", nargs="+", metavar="FILE",
                    help="check these prototxt files (net or solver) instead of generating")
+    p.add_argument("--from", dest="from_dir", metavar="DIR", default=None,
+                   help="start a new variant from this variant folder (e.g. prototxt/tiny), with --to "
+                        "(default: generate from the builders)")
+    p.add_argument("--to", dest="to_dir", metavar="DIR", default=None,
+                   help="with --from: the new variant folder (e.g. prototxt/mine); its solver trains its own "
+                        "train_val.prototxt and snapshots under runs/<name>/ (default: none)")
     p.add_argument("--variants", default="all",
                    help="all, or comma-separated names from: %s (default all)" % ", ".join(nets.VARIANTS))
     p.add_argument("--out", default=gen.DEFAULT_OUT, help="output folder (default %s)" % gen.DEFAULT_OUT)
@@ -83,6 +91,14 @@ def main(argv=None):
     try:
         if args.check:
             return run_check(args.check, args.lmdb_dir)
+        if args.from_dir or args.to_dir:
+            if not (args.from_dir and args.to_dir):
+                return _fail("--from and --to go together (e.g. --from prototxt/tiny --to prototxt/mine)")
+            written = gen.copy_variant(args.from_dir, args.to_dir)
+            for path in written:
+                print("wrote " + path)
+            print("train it: scripts/train.sh %s" % os.path.join(args.to_dir, "solver.prototxt"))
+            return 0
         names = list(nets.VARIANTS) if args.variants == "all" else [v for v in args.variants.split(",") if v]
         unknown = [n for n in names if n not in nets.VARIANTS]
         if unknown or not names:
@@ -95,7 +111,7 @@ def main(argv=None):
                             num_classes=_num_classes(args), val_size=args.val_size, seed=args.seed,
                             augment=args.augment)
         written = gen.generate(names, cfg)
-    except (ValueError, KeyError, OSError, CaffeNotFound) as exc:
+    except (ValueError, KeyError, OSError, CaffeNotFound, PrototxtError) as exc:
         return _fail(str(exc).strip("'\""))
     for path in written:
         print("wrote " + path)

@@ -66,7 +66,8 @@ def load_models(args, gpu):
 
 def report_val(pairs, args, mean):
     """Val top-1 by Caffe's rule: each model on its own scores, the ensemble on the averaged softmax."""
-    pred = evaluate.predict(pairs, args.val_lmdb, mean, args.tta, args.batch)
+    pred = evaluate.predict(pairs, args.val_lmdb, mean, args.tta, args.batch,
+                            names=[w for _, w in args.model])
     for (_, caffemodel), scores in zip(args.model, pred.model_scores):
         print("val top-1 %.4f  %s" % (evaluate.topk_accuracy(scores, pred.labels, 1), caffemodel))
     print("val top-1 %.4f  ensemble of %d" % (evaluate.topk_accuracy(pred.probs, pred.labels, 1), len(pairs)))
@@ -153,7 +154,8 @@ def main(argv=None):
                 % (args.lmdb, len(missing), len(names), missing[0]))
         if args.val_lmdb:
             report_val(pairs, args, mean)
-        pred = evaluate.predict(pairs, args.lmdb, mean, args.tta, args.batch)
+        pred = evaluate.predict(pairs, args.lmdb, mean, args.tta, args.batch,
+                                names=[w for _, w in args.model])
         test_names = [submit.name_of_key(k) for k in pred.keys]
         count = submit.write(args.out, test_names, [wnids[c] for c in pred.probs.argmax(1)], wnids)
         if args.top5_csv:

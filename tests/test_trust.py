@@ -1,0 +1,331 @@
+"""Nothing may mislead in the edit -> train -> read-the-curves loop (issue 22): a copied variant,
+a test split as val, augmentation no run checked, NaN weights scored 100 %, curves after a resume
+or an anneal, divergence at its iteration, full and read-only disks, the resume command.
+Real Caffe on CPU, the sample data."""
+import csv
+import glob
+import json
+import os
+import shlex
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+
+from conftest import make_sample_lmdbs
+from test_train import TRAIN_PY, TRAIN_SH, assert_rates_match_the_log, make_solver, only_run_dir, run, used_batch
+from tinycaffe import caffelog
+from tinycaffe.caffe_env import caffe_pb2
+
+
+@pytest.fixture(scope="module")
+def lmdb_dir(tmp_path_factory):
+    return make_sample_lmdbs(tmp_path_factory.mktemp("trust"), train=40, seed=5)
+
+
+def read_net(path):
+    net = caffe_pb2().NetParameter()
+    text_format.Merge(open(path).read(), net)
+    return net
+
+
+def write_net(path, net):
+    open(path, "w").write(text_format.MessageToString(net))
+
+
+def edit_layer(path, name, edit):
+    """Apply edit(layer) to the layer(s) called name (both Data layers for "data") of a net file."""
+    net = read_net(path)
+    layers = [layer for layer in net.layer if layer.name == name]
+    assert layers, name
+    for layer in layers:
+        edit(layer)
+    write_net(path, net)
+
+
+def stderr_lines(out):
+    return [line for line in out.stderr.splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------- 1. the edit-a-variant loop
+def net_parameters(caffe, net_path):
+    """Values in every parameter blob of a net, as Caffe builds it (TEST phase)."""
+    net = caffe.Net(net_path, caffe.TEST)
+    return sum(blob.data.size for blobs in net.params.values() for blob in blobs)
+
+
+def widen_fc1(folder):
+    edit_layer(os.path.join(folder, "train_val.prototxt"), "fc1",
+               lambda layer: setattr(layer.inner_product_param, "num_output", 200))
+
+
+def test_a_copied_variant_is_refused_naming_both_files(repo, lmdb_dir, tmp_path):
+    make_solver(lmdb_dir, tmp_path / "p", max_iter=20, test_interval=20)
+    mine = tmp_path / "p" / "mine"
+    shutil.copytree(tmp_path / "p" / "tiny", mine)  # what every Caffe user does first
+    widen_fc1(mine)
+    out = run(repo, TRAIN_SH + [str(mine / "solver.prototxt"), "--gpu", "cpu", "--runs-root", str(tmp_path / "runs")])
+    assert out.returncode == 1 and not os.path.exists(tmp_path / "runs")
+    last = stderr_lines(out)[-1]
+    assert str(tmp_path / "p" / "tiny" / "train_val.prototxt") in last and str(mine / "train_val.prototxt") in last
+    assert "--from" in last and "Traceback" not in out.stderr
+    check = run(repo, [sys.executable, "tools/gen_prototxt.py", "--check", str(mine / "solver.prototxt")])
+    assert check.returncode == 1 and "1 problem(s)" in check.stdout
+    assert "a copied variant?" in check.stderr
+
+
+def test_gen_prototxt_from_to_trains_the_edited_net(repo, caffe, lmdb_dir, tmp_path):
+    make_solver(lmdb_dir, tmp_path / "p", max_iter=20, test_interval=20)
+    mine = tmp_path / "p" / "mine"
+    out = run(repo, [sys.executable, "tools/gen_prototxt.py", "--from", str(tmp_path / "p" / "tiny"), "--to", str(mine)])
+    assert out.returncode == 0, out.stderr
+    assert "train it: scripts/train.sh %s" % (mine / "solver.prototxt") in out.stdout
+    widen_fc1(mine)
+    solver = caffe_pb2().SolverParameter()
+    text_format.Merge(open(mine / "solver.prototxt").read(), solver)
+    assert solver.net == str(mine / "train_val.prototxt") and solver.snapshot_prefix == "runs/mine/mine"
+    out = run(repo, TRAIN_SH + [str(mine / "solver.prototxt"), "--gpu", "cpu", "--runs-root", str(tmp_path / "runs")])
+    assert out.returncode == 0, out.stderr[-2000:]
+    run_dir = glob.glob(str(tmp_path / "runs" / "mine" / "*"))[0]
+    record = json.load(open(os.path.join(run_dir, "run.json")))
+    edited = net_parameters(caffe, str(mine / "train_val.prototxt"))
+    assert record["final"]["parameters"] == edited
+    assert edited != net_parameters(caffe, str(tmp_path / "p" / "tiny" / "train_val.prototxt"))
+    again = run(repo, [sys.executable, "tools/gen_prototxt.py", "--from", str(tmp_path / "p" / "tiny"), "--to", str(mine)])
+    assert again.returncode == 1 and "exists and is not an empty folder" in again.stderr
+
+
+def test_the_fix_names_the_net_path_as_the_solver_writes_it(repo):
+    """prototxt/tiny copied with cp: the solver's paths are relative to the repo root, so is the fix."""
+    from tinycaffe import prechecks
+    problems = prechecks._copied_variant(os.path.join(repo, "prototxt", "tiny", "solver.prototxt"),
+                                         os.path.join(repo, "prototxt", "alexnet", "train_val.prototxt"), repo)
+    assert len(problems) == 1 and 'set net: "prototxt/tiny/train_val.prototxt"' in problems[0]
+
+
+# ---------------------------------------------------------------- 2. the test LMDB as val
+@pytest.mark.parametrize("tool", [TRAIN_SH, TRAIN_PY])
+def test_the_test_split_as_validation_source_is_refused(repo, lmdb_dir, tmp_path, tool):
+    solver = make_solver(lmdb_dir, tmp_path / "p", max_iter=20, test_interval=20)
+    net_path = os.path.join(os.path.dirname(solver), "train_val.prototxt")
+    net = read_net(net_path)
+    test_lmdb = os.path.join(lmdb_dir, "test_lmdb")
+    net.layer[1].data_param.source = test_lmdb  # the TEST Data layer
+    write_net(net_path, net)
+    out = run(repo, tool + [solver, "--gpu", "cpu", "--runs-root", str(tmp_path / "runs")])
+    assert out.returncode == 1 and not os.path.exists(tmp_path / "runs"), out.stderr[-2000:]
+    last = stderr_lines(out)[-1]
+    assert test_lmdb in last and "unlabelled test split" in last
+    check = run(repo, [sys.executable, "tools/gen_prototxt.py", "--check", net_path])
+    assert check.returncode == 1 and "unlabelled test split" in check.stderr
+
+
+# ---------------------------------------------------------------- 3. augmentation checked before every run
+@pytest.mark.parametrize("field, value, message", [
+    ("lighting_param", dict(alphastd=0.1, eigval=[1.0, "NaN", 1.0], eigvec=[1, 0, 0, 0, 1, 0, 0, 0, 1]),
+     "lighting_param has a negative or non-finite value"),
+    ("random_resized_crop_param", dict(min_aspect=1000, max_aspect=2000), "leaves no crop of a 64x64 image"),
+])
+@pytest.mark.parametrize("tool", [TRAIN_SH, TRAIN_PY])
+def test_augmentation_is_checked_before_every_run(repo, lmdb_dir, tmp_path, tool, field, value, message):
+    from google.protobuf import json_format
+    solver = make_solver(lmdb_dir, tmp_path / "p", max_iter=20, test_interval=20)
+    net_path = os.path.join(os.path.dirname(solver), "train_val.prototxt")
+    net = read_net(net_path)
+    json_format.ParseDict({field: value}, net.layer[0].transform_param)  # the TRAIN Data layer
+    write_net(net_path, net)
+    out = run(repo, tool + [solver, "--gpu", "cpu", "--runs-root", str(tmp_path / "runs")])
+    assert out.returncode == 1 and not os.path.exists(tmp_path / "runs"), out.stderr[-2000:]
+    assert message in stderr_lines(out)[-1] and "layer 'data'" in stderr_lines(out)[-1]
+    check = run(repo, [sys.executable, "tools/gen_prototxt.py", "--check", net_path])
+    assert check.returncode == 1 and message in check.stderr
+
+
+def test_check_and_the_run_precheck_share_one_list(monkeypatch, lmdb_dir, tmp_path):
+    """Both call prechecks: a problem planted there shows in --check and refuses a run."""
+    from tinycaffe import check, prechecks, runs
+    solver_path = make_solver(lmdb_dir, tmp_path / "p", max_iter=20, test_interval=20)
+    planted = "planted problem"
+    monkeypatch.setattr(prechecks, "augmentation_problems", lambda net, path, base: [planted])
+    assert planted in check.check_files([os.path.join(os.path.dirname(solver_path), "train_val.prototxt")],
+                                        out=lambda line: None)
+    solver = caffe_pb2().SolverParameter()
+    text_format.Merge(open(solver_path).read(), solver)
+    with pytest.raises(runs.RunError, match=planted):
+        runs.precheck(solver, solver_path, str(tmp_path))
+
+
+# ---------------------------------------------------------------- 4. NaN weights never score 100 %
+@pytest.mark.parametrize("tool", [TRAIN_SH, TRAIN_PY])
+def test_weights_that_go_non_finite_after_the_last_loss_line_end_diverged(repo, lmdb_dir, tmp_path, tool):
+    # display 0: Caffe logs no loss line at all, so only the final weights and test can tell.
+    solver = make_solver(lmdb_dir, tmp_path / "p", base_lr=1e6, max_iter=30, test_interval=30, display=0, snapshot=10)
+    out = run(repo, tool + [solver, "--gpu", "cpu", "--runs-root", str(tmp_path / "runs")])
+    assert out.returncode == 3, out.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path / "runs")
+    record = json.load(open(os.path.join(run_dir, "run.json")))
+    assert record["status"] == "diverged" and record["exit_code"] == 3
+    assert record["final"].get("accuracy_top1") != 1.0 and record["final"].get("best_accuracy_top1") != 1.0
+    assert "diverged at iteration" in out.stderr
+    for model in glob.glob(os.path.join(run_dir, "snapshots", "*.caffemodel")):
+        net = caffe_pb2().NetParameter()
+        net.ParseFromString(open(model, "rb").read())
+        assert all(np.isfinite(np.asarray(b.data)).all() for layer in net.layer for b in layer.blobs), model
+
+
+# ---------------------------------------------------------------- 5, 6. curves after a resume and an anneal
+def read_events(log_dir):
+    """[(file, [(tag, step, value) | ("<purge>", step, None)])] of every event file, oldest first."""
+    from tensorboardX.proto import event_pb2
+    files = []
+    for path in sorted(glob.glob(os.path.join(str(log_dir), "events.out.tfevents.*")), key=os.path.getmtime):
+        blob, at, events = open(path, "rb").read(), 0, []
+        while at < len(blob):
+            (length,) = struct.unpack("<Q", blob[at:at + 8])
+            event = event_pb2.Event.FromString(blob[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+                events.append(("<purge>", event.step, None))
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    events.append((value.tag, event.step, value.simple_value))
+        files.append((path, events))
+    return files
+
+
+def scalars_as_tensorboard_shows_them(log_dir):
+    """{tag: [(step, value), ...]} after TensorBoard's purge rules: a START session log at step S
+    drops every earlier value at step >= S; a value at a step below its tag's last drops the
+    tag's values at steps >= it (EventAccumulator's purge_orphaned_data)."""
+    shown = {}
+    for _, events in read_events(log_dir):
+        for tag, step, value in events:
+            if tag == "<purge>":
+                shown = {t: [(s, v) for s, v in points if s < step] for t, points in shown.items()}
+                continue
+            points = shown.setdefault(tag, [])
+            if points and step < points[-1][0]:
+                points[:] = [(s, v) for s, v in points if s < step]
+            points.append((step, value))
+    return shown
+
+
+def assert_one_value_per_step(shown):
+    for tag, points in shown.items():
+        steps = [s for s, _ in points]
+        assert len(steps) == len(set(steps)), (tag, steps)
+
+
+def assert_true_rates(run_dir, shown):
+    assert_rates_match_the_log(run_dir, dict(shown["images_per_second"]), used_batch(run_dir))
+
+
+@pytest.mark.parametrize("tool", [TRAIN_SH, TRAIN_PY])
+def test_a_resumed_run_shows_one_value_per_step_and_true_rates(repo, lmdb_dir, tmp_path, tool):
+    solver = make_solver(lmdb_dir, tmp_path / "p", max_iter=80, test_interval=40, display=10, snapshot=0)
+    proc = subprocess.Popen(tool + [solver, "--gpu", "cpu", "--runs-root", str(tmp_path / "runs")], cwd=repo,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen = ""
+    while "Iteration 50" not in seen:
+        line = proc.stderr.readline()
+        assert line, "training ended before iteration 50"
+        seen += line
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C at ~50
+    rest = proc.stderr.read()
+    assert proc.wait() == 130
+    run_dir = only_run_dir(tmp_path / "runs")
+    # 9: the last line is the exact command that continues the run; it works as printed.
+    resume = [line for line in rest.splitlines() if "continue it with: " in line]
+    assert resume and resume[-1] == [line for line in rest.splitlines() if line.strip()][-1]
+    command = shlex.split(resume[-1].split("continue it with: ", 1)[1])
+    assert command[-3:] == ["--resume", "--run-dir", run_dir]
+    out = run(repo, command)
+    assert out.returncode == 0, out.stderr[-2000:]
+    record = json.load(open(os.path.join(run_dir, "run.json")))
+    assert record["status"] == "finished" and record["final"]["iterations"] == 80
+    files = read_events(run_dir)
+    assert len(files) == 2 and files[0][0] != files[1][0]
+    shown = scalars_as_tensorboard_shows_them(run_dir)
+    assert_one_value_per_step(shown)
+    assert [s for s, _ in shown["val/accuracy_top1"]] == [40, 80]
+    assert_true_rates(run_dir, shown)
+    _, test = caffelog.parse(os.path.join(run_dir, "caffe.log"))
+    assert dict(shown["val/accuracy_top1"]) == pytest.approx({r["NumIters"]: r["accuracy_top1"] for r in test})
+
+
+def test_rates_stay_true_across_plateau_anneals(repo, lmdb_dir, tmp_path):
+    solver = make_solver(lmdb_dir, tmp_path / "p", max_iter=60, test_interval=10, display=10, snapshot=0)
+    out = run(repo, TRAIN_PY + [solver, "--gpu", "cpu", "--runs-root", str(tmp_path / "runs"), "--anneal", "plateau",
+                                "--patience", "1", "--min-delta", "1.0", "--max-anneals", "3"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    run_dir = only_run_dir(tmp_path / "runs")
+    assert len(json.load(open(os.path.join(run_dir, "run.json")))["anneals"]) >= 2
+    shown = scalars_as_tensorboard_shows_them(run_dir)
+    assert_one_value_per_step(shown)
+    assert_true_rates(run_dir, shown)
+
+
+# ---------------------------------------------------------------- 7. a divergence is visible where it happened
+@pytest.mark.parametrize("tool", [TRAIN_SH, TRAIN_PY])
+def test_a_divergence_is_recorded_at_its_iteration(repo, lmdb_dir, tmp_path, tool):
+    solver = make_solver(lmdb_dir, tmp_path / "p", base_lr=1e6, max_iter=200, display=20, snapshot=0)
+    out = run(repo, tool + [solver, "--gpu", "cpu", "--runs-root", str(tmp_path / "runs")])
+    assert out.returncode == 3, out.stderr[-2000:]
+    run_dir = only_run_dir(tmp_path / "runs")
+    first_bad = json.load(open(os.path.join(run_dir, "run.json")))["final"]["first_bad_iteration"]
+    assert first_bad == 20
+    assert "diverged at iteration 20" in out.stderr and "after 0 iterations" not in out.stderr
+    rows = list(csv.DictReader(open(os.path.join(run_dir, "train.csv"))))
+    assert [(r["NumIters"], r["event"]) for r in rows if r["event"]] == [("20", "diverged")]
+    shown = scalars_as_tensorboard_shows_them(run_dir)
+    assert shown["events/diverged"] == [(20, 1.0)]
+
+
+# ---------------------------------------------------------------- 8. full and read-only disks
+@pytest.fixture
+def mount_tmpfs(tmp_path):
+    """mount(options) -> a fresh tmpfs mount point; all unmounted at the end (root only)."""
+    mounted = []
+
+    def mount(options):
+        point = tmp_path / ("mnt%d" % len(mounted))
+        point.mkdir()
+        out = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True,
+                             text=True)
+        if out.returncode != 0:
+            pytest.skip("cannot mount a tmpfs here (%s): the disk tests need root" % out.stderr.strip())
+        mounted.append(point)
+        return point
+    yield mount
+    for point in reversed(mounted):
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+@pytest.mark.parametrize("tool", [TRAIN_SH, TRAIN_PY])
+def test_a_read_only_run_dir_is_one_line(repo, lmdb_dir, tmp_path, tool, mount_tmpfs):
+    solver = make_solver(lmdb_dir, tmp_path / "p", max_iter=20, test_interval=20)
+    read_only = mount_tmpfs("ro,size=1m")
+    out = run(repo, tool + [solver, "--gpu", "cpu", "--run-dir", str(read_only / "run")])
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert stderr_lines(out)[-1].endswith("%s: cannot write the run directory (Read-only file system)"
+                                          % (read_only / "run"))
+
+
+@pytest.mark.parametrize("tool", [TRAIN_SH, TRAIN_PY])
+def test_a_disk_that_fills_during_training_ends_the_run_failed(repo, lmdb_dir, tmp_path, tool, mount_tmpfs):
+    # tiny's snapshots are ~2 MB (weights) + ~2 MB (momentum): a few fit in 12 MB, then the disk is full.
+    solver = make_solver(lmdb_dir, tmp_path / "p", max_iter=2000, test_interval=2000, display=10, snapshot=10)
+    disk = mount_tmpfs("size=12m")
+    t0 = time.time()
+    out = run(repo, tool + [solver, "--gpu", "cpu", "--run-dir", str(disk / "run")], timeout=300)
+    assert time.time() - t0 < 240
+    assert out.returncode not in (0, 130) and "Traceback" not in out.stderr, out.stderr[-3000:]
+    record = json.load(open(disk / "run" / "run.json"))
+    assert record["status"] == "failed" and record["final"]["iterations"] < 2000
+    assert str(disk / "run") in stderr_lines(out)[-1], stderr_lines(out)[-3:]

@@ -1,0 +1,162 @@
+"""The one list of checks a solver and its net go through before Caffe starts.
+
+`gen_prototxt.py --check` (check.py) and the pre-check of every run (train.sh, train.py,
+sweep trials: runs.precheck) call these same functions, so a file that --check passes is a
+file a run accepts, and the reverse. Each check returns problems, one line each, naming the
+file or layer and what was expected; none raises.
+
+need_data: a run needs its LMDBs and mean files now; --check may look at a net before
+make_lmdb.py has run, so there a missing LMDB is no problem (check.py notes it instead).
+"""
+import math
+import os
+
+from . import augment, data, fit
+from .caffe_env import caffe_pb2
+
+DATA_LAYER_TYPES = ("Data",)  # the layers whose source is an LMDB tinycaffe can read
+TRAIN_VAL = "train_val.prototxt"  # the net file a variant folder holds beside its solver
+
+
+# ---------------------------------------------------------------- the solver
+def net_path_of(solver, base):
+    """The solver's net (or train_net) as an absolute path, or "" when it names none."""
+    return fit.absolute(solver.net or solver.train_net, base)
+
+
+def solver_problems(solver, solver_path, base):
+    """The solver's own fields and the net it names."""
+    problems = []
+    net = net_path_of(solver, base)
+    if not net:
+        problems.append("%s: no `net:` (expected the train_val.prototxt path)" % solver_path)
+    elif not os.path.isfile(net):
+        problems.append("%s: net %s does not exist (paths in it are relative to %s)" % (solver_path, net, base))
+    else:
+        problems.extend(_copied_variant(solver_path, net, base))
+    if solver.type == "AdaGrad" and solver.momentum:
+        problems.append("%s: AdaGrad takes no momentum (Caffe aborts); remove `momentum`" % solver_path)
+    if solver.lr_policy == "step" and solver.stepsize <= 0:
+        problems.append("%s: lr_policy \"step\" needs stepsize > 0" % solver_path)
+    if solver.lr_policy == "multistep" and list(solver.stepvalue) != sorted(set(solver.stepvalue)):
+        problems.append("%s: lr_policy \"multistep\" needs increasing stepvalue entries" % solver_path)
+    for field in ("base_lr", "momentum", "weight_decay", "gamma"):
+        if not math.isfinite(getattr(solver, field)):
+            problems.append("%s: %s is %g, expected a finite number" % (solver_path, field, getattr(solver, field)))
+    return problems
+
+
+def _copied_variant(solver_path, net, base):
+    """A solver whose net lies in another folder while a train_val.prototxt sits beside it: what
+    `cp -r prototxt/tiny prototxt/mine` leaves (the copy's solver still trains tiny's net)."""
+    folder = os.path.dirname(os.path.abspath(solver_path))
+    beside = os.path.join(folder, TRAIN_VAL)
+    if not os.path.isfile(beside) or os.path.dirname(net) == folder:
+        return []
+    return ["%s trains %s, not the %s beside it (a copied variant?): set net: \"%s\" in %s, or start a variant "
+            "with tools/gen_prototxt.py --from %s --to %s"
+            % (solver_path, net, beside, os.path.relpath(beside, base), solver_path,
+               os.path.dirname(net), folder)]
+
+
+# ---------------------------------------------------------------- the net and its data
+def net_problems(net, net_path, base, need_data=True, lmdb_dir=None):
+    """The Data layers' sources and mean files, a test split used where labels are needed, the
+    net against its data (class count, crop) and the augmentation fields. lmdb_dir: check the
+    class count and crop against that make_lmdb.py folder too (gen_prototxt --check --lmdb-dir)."""
+    problems = []
+    for layer in net.layer:
+        if layer.type in DATA_LAYER_TYPES:
+            problems.extend(_data_source_problems(layer, net_path, base, need_data))
+    if not problems:  # the fit checks read the same LMDBs
+        problems.extend(fit_problems(net, net_path, lmdb_dir))
+    problems.extend(augmentation_problems(net, net_path, base))
+    return problems
+
+
+def _data_source_problems(layer, net_path, base, need_data):
+    where = "%s: layer '%s'" % (net_path, layer.name)
+    source = fit.absolute(layer.data_param.source, base)
+    mean = fit.absolute(layer.transform_param.mean_file, base)
+    problems = []
+    if not os.path.isfile(os.path.join(source, "data.mdb")):
+        if need_data:
+            problems.append("%s reads %s, which is not an LMDB (run tools/make_lmdb.py first)" % (where, source))
+    elif _unlabelled(source):
+        problems.append("%s reads %s, the unlabelled test split (every label %d): accuracies on it mean nothing; "
+                        "read make_lmdb.py's val_lmdb (or train_lmdb) there" % (where, source, data.TEST_LABEL))
+    if mean and need_data and not os.path.isfile(mean):
+        problems.append("%s needs mean file %s, which does not exist" % (where, mean))
+    return problems
+
+
+def _unlabelled(source):
+    """True for an LMDB whose first record has the test split's label (make_lmdb.py's test_lmdb)."""
+    try:
+        for _, datum in data.iter_lmdb(source, limit=1):
+            return datum.label == data.TEST_LABEL
+    except data.DataError:
+        return False
+    return False
+
+
+def fit_problems(net, net_path, lmdb_dir=None):
+    """The net against its Data layers' own LMDBs, and against lmdb_dir's labels and images."""
+    try:
+        fit.check_data_layers(net, net_path)
+        if lmdb_dir:
+            lmdb = os.path.join(lmdb_dir, "train_lmdb")
+            found = fit.net_classes(net)
+            if found:
+                labels = os.path.join(lmdb_dir, "labels.txt")
+                fit.check_classes(found[0], "%s (layer '%s')" % (net_path, found[1]), lmdb,
+                                  labels if os.path.isfile(labels) else None)
+            crops = [layer.transform_param.crop_size for layer in net.layer if layer.type in DATA_LAYER_TYPES]
+            if os.path.isfile(os.path.join(lmdb, "data.mdb")):
+                for crop in crops or [input_side(net)]:
+                    fit.check_crop(crop, net_path, lmdb)
+    except (fit.FitError, data.DataError) as exc:
+        return [str(exc)]
+    return []
+
+
+def input_side(net):
+    """The crop a deploy net expects (its Input layer's last dim), or 0."""
+    for layer in net.layer:
+        if layer.type == "Input" and layer.input_param.shape:
+            return layer.input_param.shape[0].dim[-1]
+    return 0
+
+
+def augmentation_problems(net, net_path, base):
+    """The Data layers' augmentation fields (Caffe patch 0010), against their images' size."""
+    problems = []
+    for layer in net.layer:
+        if layer.type in DATA_LAYER_TYPES and layer.HasField("transform_param"):
+            source = fit.absolute(layer.data_param.source, base)
+            shape = _image_shape(source)
+            problems.extend(augment.check_transform(layer.transform_param, "%s (layer '%s')" % (net_path, layer.name),
+                                                    image_side=min(shape[1:]) if shape else None))
+    return problems
+
+
+def _image_shape(source):
+    try:
+        return fit.image_shape(source) if os.path.isfile(os.path.join(source, "data.mdb")) else None
+    except data.DataError:
+        return None
+
+
+def all_problems(solver, solver_path, base, need_data=True):
+    """Everything a run's pre-check looks at: the solver, then (when it exists) its net.
+    -> (problems, absolute net path or None, the parsed net or None)."""
+    problems = solver_problems(solver, solver_path, base)
+    net_path = net_path_of(solver, base)
+    if not net_path or not os.path.isfile(net_path):
+        return problems, None, None
+    from .files import PrototxtError, read_prototxt
+    try:
+        net = read_prototxt(net_path, caffe_pb2().NetParameter())
+    except PrototxtError as exc:
+        return problems + [str(exc)], net_path, None
+    return problems + net_problems(net, net_path, base, need_data), net_path, net
