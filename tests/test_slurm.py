@@ -1,6 +1,7 @@
 """scripts/sweep_slurm.sh: a sweep as a Slurm job array, checked as text and on a real one-node
 Slurm cluster (Debian's slurm-wlm and munge, started here as root in a temp folder)."""
 import contextlib
+import csv
 import json
 import os
 import re
@@ -16,7 +17,7 @@ import time
 
 import pytest
 
-from tinycaffe import slurm, sweep
+from tinycaffe import slurm, sweep, sweep_recovery
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_sweep import trials_of, write_space  # noqa: E402
@@ -109,17 +110,19 @@ def test_gpu_job_script_asks_one_gpu_per_task_and_passes_the_storage(repo, lmdb_
     assert "--gres=gpu:a100:1" in sbatch_lines(typed) and "--gres=gpu:1" not in sbatch_lines(typed)
     argv = worker_argv(text)
     assert argv[argv.index("--gpu") + 1] == "0"  # Slurm's CUDA_VISIBLE_DEVICES makes the allocated GPU number 0
-    assert argv[argv.index("--storage") + 1] == url
+    assert url not in text and "--storage " not in text  # the URL is read from the 0600 file beside the script
     args = sweep_tool(repo).build_parser().parse_args(argv[2:])
-    assert (args.gpu, args.storage, args.trials, args.pruner, args.sampler) == \
-        ("0", url, sweep.DEFAULT_TRIALS, sweep.DEFAULT_PRUNER, sweep.DEFAULT_SAMPLER)
+    assert (args.gpu, args.storage, args.storage_file, args.trials, args.pruner, args.sampler) == \
+        ("0", None, str(tmp_path / "sweeps" / "space" / sweep.STORAGE_FILE), sweep.DEFAULT_TRIALS,
+         sweep.DEFAULT_PRUNER, sweep.DEFAULT_SAMPLER)
     path = tmp_path / "job.sh"
     path.write_text(text)
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
 
 
 @pytest.mark.parametrize("value, seconds", [("90", 5400), ("1:30", 90), ("2:00:05", 7205), ("1-2", 93600),
-                                            ("1-0:30", 88200), ("0-0:0:59", 59), ("UNLIMITED", None)])
+                                            ("1-0:30", 88200), ("0-0:0:59", 59), ("UNLIMITED", None),
+                                            ("0", None), ("0:00", None), ("0-0", None)])  # sbatch: 0 is no limit
 def test_slurm_time_forms(value, seconds):
     assert slurm.time_seconds(value) == seconds
 
@@ -164,8 +167,12 @@ def test_slurm_time_forms(value, seconds):
     (["SPACE", "--sbatch-arg=--gres=gpu:1"], "--sbatch-arg '--gres=gpu:1': a GPU option, but --device cpu"),
     (["SPACE", "--sbatch-arg=--gpus-per-task=1"], "--sbatch-arg '--gpus-per-task=1': a GPU option, but --device"),
     (["SPACE", "--sbatch-arg=-G1"], "--sbatch-arg '-G1': a GPU option, but --device cpu"),
+    # Issue 23: short options clustered after flags, as getopt reads them (-H holds, then -a 0-7).
+    (["SPACE", "--sbatch-arg=-Ha0-7"], "--sbatch-arg '-Ha0-7': --array is written by sweep_slurm"),
+    (["SPACE", "--sbatch-arg=-Qvo/tmp/x"], "--sbatch-arg '-Qvo/tmp/x': --output is written by"),
+    (["SPACE", "--sbatch-arg=-HG1"], "--sbatch-arg '-HG1': a GPU option, but --device cpu"),
     (["SPACE", "--partition", "gpu;rm"], "--partition 'gpu;rm': expected a Slurm name"),
-    (["BAD_SPACE"], "params.lr: not a searchable value"),
+    (["BAD_SPACE"], "params.lr: unknown key (valid: batch_size"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(repo, lmdb_dir, tmp_path, args, needle):
     space = slurm_space(tmp_path, lmdb_dir)
@@ -257,7 +264,11 @@ def test_a_storage_password_is_in_the_private_script_only(repo, lmdb_dir, tmp_pa
         in out.stderr, out.stderr
     job = tmp_path / "sweeps" / "space" / "slurm_job.sh"
     argv = worker_argv(job.read_text())
-    assert argv[argv.index("--storage") + 1] == url  # the workers need it
+    assert "secret" not in job.read_text()  # nor in any node's `ps`: the workers read the URL from a file
+    url_file = tmp_path / "sweeps" / "space" / sweep.STORAGE_FILE
+    assert argv[argv.index("--storage-file") + 1] == str(url_file)
+    assert url_file.read_text() == url + "\n" and stat.S_IMODE(url_file.stat().st_mode) == 0o600
+    assert sweep.storage_url(None, str(url_file)) == url
     assert stat.S_IMODE(job.stat().st_mode) == 0o700
 
 
@@ -406,9 +417,9 @@ def _pid(path):
 def _stop(pid, grace):
     """Wait for a daemon to exit; SIGKILL it after grace seconds."""
     deadline = time.time() + grace
-    while pid and sweep._alive(pid) and time.time() < deadline:
+    while pid and sweep_recovery._alive(pid) and time.time() < deadline:
         time.sleep(0.2)
-    if pid and sweep._alive(pid):
+    if pid and sweep_recovery._alive(pid):
         os.kill(pid, signal.SIGKILL)
 
 
@@ -483,9 +494,9 @@ def slurm_cluster():
         assert not left, "processes of the cluster's jobs outlived it (killed now): %s" % left
 
 
-def submit(repo, cluster, space, root, tasks, trials):
+def submit(repo, cluster, space, root, tasks, trials, sampler="random"):
     out = sweep_slurm(repo, space, "--tasks", tasks, "--trials", trials, "--device", "cpu", "--cpus-per-task", 1,
-                      "--pruner", "none", "--sampler", "random", "--root", root, "--submit", env=cluster.env)
+                      "--pruner", "none", "--sampler", sampler, "--root", root, "--submit", env=cluster.env)
     assert out.returncode == 0, out.stderr + cluster.logs()
     job = int(out.stdout.strip())
     assert "submitted job %d (%d task(s))" % (job, tasks) in out.stderr
@@ -514,7 +525,7 @@ def test_array_of_two_workers_on_a_real_slurm(repo, lmdb_dir, tmp_path, slurm_cl
         record = json.load(open(os.path.join(run_dir, "run.json")))
         assert record["status"] == "finished" and record["final"]["iterations"] == 60
         assert os.path.isfile(os.path.join(run_dir, "snapshots", "tiny_iter_60.caffemodel"))
-        assert t.value == record["final"]["best_accuracy_top1"]
+        assert t.value == record["final"]["accuracy_top1"]  # the final snapshot's: what --from-sweep submits
     first_two = sorted(complete, key=lambda t: t.number)[:2]
     assert max(t.datetime_start for t in first_two) < min(t.datetime_complete for t in first_two)  # at once
 
@@ -543,11 +554,67 @@ def test_scancel_stops_the_trial_with_a_snapshot(repo, lmdb_dir, tmp_path, slurm
     [task] = slurm_cluster.wait(job, 60).values()
     assert (task["JobState"], task["ExitCode"]) == (state, "130:0"), task
     said = (root / "space" / ("slurm-%d_0.out" % job)).read_text()
-    [trial] = trials_of(root)
+    trial, retry = trials_of(root)
     assert trial.state.name == "FAIL" and trial.value is None
+    # Not a result, and not lost: its point is queued again, for the next submission of the same study.
+    assert retry.state.name == "WAITING" and retry.params == trial.params
+    assert trial.user_attrs["reason"].startswith("lost: stopped by a signal")
     record = json.load(open(root / "space" / "trial_0" / "run.json"))
     stopped = record["final"]["iterations"]
     assert record["status"] == "interrupted" and stopped > 50
     assert "[sweep] trial 0 stopped by a signal at iteration %d" % stopped in said, said[-3000:]
     snapshots = sorted(os.listdir(root / "space" / "trial_0" / "snapshots"))
     assert snapshots == ["tiny_iter_%d.caffemodel" % stopped, "tiny_iter_%d.solverstate" % stopped]
+
+
+def test_a_worker_killed_on_slurm_loses_no_grid_point(repo, lmdb_dir, tmp_path, slurm_cluster):
+    """Two array tasks on a 3-point grid; one worker gets SIGKILL mid-trial (a node failure, an OOM
+    kill): its Caffe dies with it, the other worker fails the lost trial and runs its point again;
+    a second submission (the resume) trains nothing more. Every point completes exactly once, and
+    the report's numbers are the ones --from-sweep submits."""
+    space = write_space(tmp_path, lmdb_dir, budget={"max_iter": 60, "test_interval": 50},
+                        params={"base_lr": {"type": "categorical", "choices": [0.02, 0.01, 0.005]}}, pruner={})
+    root = tmp_path / "sweeps"
+    job = submit(repo, slurm_cluster, space, root, 2, 3, sampler="grid")
+    deadline, victim = time.time() + 120, None
+    while time.time() < deadline and victim is None:
+        for t in trials_of(root):
+            log = os.path.join(t.user_attrs.get("run_dir", "/nonexistent"), "caffe.log")
+            if t.state.name == "RUNNING" and os.path.isfile(log) and "Iteration 20" in open(log).read():
+                victim = t
+                break
+        time.sleep(0.2)
+    assert victim is not None, "no trial reached iteration 20" + slurm_cluster.logs()
+    pid = victim.user_attrs["worker"]["pid"]
+    caffe = [int(p) for p in subprocess.run(["ps", "--ppid", str(pid), "-o", "pid="], capture_output=True,
+                                            text=True).stdout.split()]
+    os.kill(pid, signal.SIGKILL)
+    tasks = slurm_cluster.wait(job, 300)
+    assert sorted(t["JobState"] for t in tasks.values()) == ["COMPLETED", "FAILED"], tasks
+    assert caffe and not any(os.path.exists("/proc/%d" % c) for c in caffe), "Caffe outlived its worker"
+    again = submit(repo, slurm_cluster, space, root, 1, 3, sampler="grid")  # the resume: nothing is missing
+    [task] = slurm_cluster.wait(again, 120).values()
+    assert (task["JobState"], task["ExitCode"]) == ("COMPLETED", "0:0"), task
+    trials = trials_of(root)
+    by_point = {}
+    for t in trials:
+        by_point.setdefault(t.system_attrs["grid_id"], []).append(t)
+    assert sorted(by_point) == [0, 1, 2]
+    for point in by_point.values():
+        assert [t.state.name for t in point].count("COMPLETE") == 1, [(t.number, t.state.name) for t in point]
+    lost = next(t for t in trials if t.number == victim.number)
+    assert lost.state.name == "FAIL" and lost.user_attrs["reason"].startswith("lost: its worker (pid %d" % pid)
+    assert json.load(open(os.path.join(lost.user_attrs["run_dir"], "run.json")))["status"] == "failed"
+    report = subprocess.run([sys.executable, "tools/sweep.py", "--report", "space", "--root", str(root)], cwd=repo,
+                            capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr
+    with open(root / "space" / "report.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["status"] == "complete"]
+    out = subprocess.run([sys.executable, "tools/make_submission.py", "--from-sweep", "space", "--top", "3",
+                          "--sweeps-root", str(root), "--lmdb", os.path.join(lmdb_dir, "test_lmdb"),
+                          "--val-lmdb", os.path.join(lmdb_dir, "val_lmdb"), "--gpu", "cpu",
+                          "--out", str(tmp_path / "submission.txt")], cwd=repo, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    submitted = [float(line.split()[2]) for line in out.stdout.splitlines()
+                 if line.startswith("val top-1") and "ensemble" not in line]
+    assert submitted == pytest.approx([float(r["top1"]) for r in rows], abs=1e-6)

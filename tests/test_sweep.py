@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import time
 
 import pytest
 
+from test_trust import mount_tmpfs  # noqa: F401 (a fixture)
 from tinycaffe import sweep
 
 TOOL = "tools/sweep.py"
@@ -37,9 +39,10 @@ def trials_of(root, name="space"):
     return study.get_trials()
 
 
-def logged_best_top1(run_dir):
+def logged_final_top1(run_dir):
+    """The val top-1 of the run's last test: its final snapshot's, as Caffe logged it."""
     with open(os.path.join(run_dir, "test.csv")) as f:
-        return max(float(r["accuracy_top1"]) for r in csv.DictReader(f))
+        return float(list(csv.DictReader(f))[-1]["accuracy_top1"])
 
 
 def test_two_workers_share_a_file_study(repo, lmdb_dir, tmp_path):
@@ -75,23 +78,29 @@ def test_two_workers_share_a_file_study(repo, lmdb_dir, tmp_path):
         if t.state.name == "PRUNED":
             logged = {k: v for k, v in logged.items() if k <= max(t.intermediate_values)}
         assert t.intermediate_values == pytest.approx(logged, abs=1e-6)
-        if t.state.name == "COMPLETE":
-            assert t.value == pytest.approx(max(logged.values())) and record["final"]["iterations"] == 100
+        if t.state.name == "COMPLETE":  # its value: the final snapshot's val top-1, the model --from-sweep submits
+            assert t.value == pytest.approx(logged[100]) and record["final"]["iterations"] == 100
             assert t.params["base_lr"] == 0.02
         else:
             assert min(t.intermediate_values.values()) < 0.15 and t.params["base_lr"] == 0.0
-    # The report: ranked by the trials' logged best val top-1, complete ones first.
+    # The report: complete trials ranked by their final snapshot's val top-1, then the pruned ones, unranked,
+    # with their reason.
     report = subprocess.run([sys.executable, TOOL, "--report", "space", "--root", str(root)], cwd=repo,
                             capture_output=True, text=True)
     assert report.returncode == 0, report.stderr[-2000:]
+    assert "ranked by the val top-1 of each complete trial's final snapshot" in report.stdout
     with open(root / "space" / "report.csv") as f:
         rows = list(csv.DictReader(f))
-    ranked = sorted(finished, key=lambda t: (t.state.name != "COMPLETE", -logged_best_top1(t.user_attrs["run_dir"]),
-                                             t.number))
-    assert [int(r["trial"]) for r in rows] == [t.number for t in ranked]
-    assert [float(r["best_top1"]) for r in rows] == pytest.approx(
-        [logged_best_top1(t.user_attrs["run_dir"]) for t in ranked])
-    assert "| 1 | %d |" % ranked[0].number in report.stdout
+    complete = sorted((t for t in finished if t.state.name == "COMPLETE"),
+                      key=lambda t: (-logged_final_top1(t.user_attrs["run_dir"]), t.number))
+    pruned = sorted((t for t in finished if t.state.name == "PRUNED"), key=lambda t: t.number)
+    assert [int(r["trial"]) for r in rows] == [t.number for t in complete + pruned]
+    assert [r["rank"] for r in rows] == [str(i) for i in range(1, len(complete) + 1)] + [""] * len(pruned)
+    assert [float(r["top1"]) for r in rows[:len(complete)]] == pytest.approx(
+        [logged_final_top1(t.user_attrs["run_dir"]) for t in complete])
+    assert all(r["top1"] == "" and r["status"] == "pruned" and r["reason"].startswith("pruned: val top-1")
+               for r in rows[len(complete):])
+    assert "| 1 | %d |" % complete[0].number in report.stdout
     for png in ("history.png", "intermediate.png"):
         assert (root / "space" / png).stat().st_size > 1000
     # The ensemble of the 2 best complete trials, their final snapshots, as the submission.
@@ -108,6 +117,7 @@ def test_two_workers_share_a_file_study(repo, lmdb_dir, tmp_path):
     finals = [json.load(open(os.path.join(t.user_attrs["run_dir"], "run.json")))["final"]["accuracy_top1"]
               for t in best]
     assert models == pytest.approx(finals, abs=1e-6)  # each final snapshot's val top-1, as Caffe tested it
+    assert models == pytest.approx([float(r["top1"]) for r in rows[:2]], abs=1e-6)  # = the report's ranking numbers
     assert len((tmp_path / "submission.txt").read_text().splitlines()) == 20
     too_many = subprocess.run([sys.executable, "tools/make_submission.py", "--from-sweep", "space", "--top", "9",
                                "--sweeps-root", str(root), "--lmdb", os.path.join(lmdb_dir, "test_lmdb"),
@@ -115,31 +125,65 @@ def test_two_workers_share_a_file_study(repo, lmdb_dir, tmp_path):
     assert too_many.returncode == 1 and "fewer than --top 9" in too_many.stderr
 
 
-def worker_mid_trial(repo, space, root, **popen):
-    """A one-worker sweep of 2 trials, training its first trial: as soon as Caffe logs an
-    iteration (a fixed wait raced the trial's end once the CPU build got faster)."""
-    worker = subprocess.Popen(sweep_command(space, root, 2), cwd=repo, stdout=subprocess.DEVNULL, text=True, **popen)
+def worker_mid_trial(repo, space, root, command=None, **popen):
+    """A one-worker sweep (of 2 trials, or `command`), training its first trial: as soon as Caffe
+    logs an iteration (a fixed wait raced the trial's end once the CPU build got faster)."""
+    worker = subprocess.Popen(command or sweep_command(space, root, 2), cwd=repo, stdout=subprocess.DEVNULL, text=True,
+                              **popen)
     log, deadline = root / "space" / "trial_0" / "caffe.log", time.time() + 120
     while time.time() < deadline and not (log.is_file() and "Iteration" in log.read_text(errors="replace")):
         time.sleep(0.1)
     return worker
 
 
-def test_killed_worker_is_not_a_result_and_the_study_continues(repo, lmdb_dir, tmp_path):
-    space, root = write_space(tmp_path, lmdb_dir), tmp_path / "sweeps"
-    worker = worker_mid_trial(repo, space, root, stderr=subprocess.DEVNULL, start_new_session=True)
-    os.killpg(worker.pid, signal.SIGKILL)  # the worker and its caffe, mid-trial
+def children(pid):
+    return [int(p) for p in subprocess.run(["ps", "--ppid", str(pid), "-o", "pid="], capture_output=True,
+                                           text=True).stdout.split()]
+
+
+def grid_points(trials):
+    """{grid_id: [state, ...]} of a study's trials."""
+    points = {}
+    for t in trials:
+        points.setdefault(t.system_attrs.get("grid_id"), []).append(t.state.name)
+    return points
+
+
+def test_a_killed_worker_loses_nothing_each_grid_point_runs_once(repo, lmdb_dir, tmp_path):
+    """kill -9 of a worker mid-trial: its Caffe dies with it; the same command again fails the lost
+    trial (run.json closed), runs its point again and the missing ones, each exactly once."""
+    space = write_space(tmp_path, lmdb_dir, params={"base_lr": {"type": "categorical", "choices": [0.02, 0.01, 0.005]}},
+                        pruner={})
+    root = tmp_path / "sweeps"
+    command = sweep_command(space, root, 3, "--pruner", "none")
+    worker = worker_mid_trial(repo, space, root, stderr=subprocess.DEVNULL, command=command)
+    caffe = children(worker.pid)
+    assert caffe
+    os.kill(worker.pid, signal.SIGKILL)  # the worker alone: its child must not train on
     worker.wait()
-    assert [t.state.name for t in trials_of(root)] == ["RUNNING"]
-    again = subprocess.run(sweep_command(space, root, 2), cwd=repo, capture_output=True, text=True, timeout=600)
+    deadline = time.time() + 10
+    while time.time() < deadline and any(os.path.exists("/proc/%d" % pid) for pid in caffe):
+        time.sleep(0.1)
+    assert not any(os.path.exists("/proc/%d" % pid) for pid in caffe), "Caffe outlived its worker"
+    [lost] = trials_of(root)
+    assert lost.state.name == "RUNNING"
+    again = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "trials [0] of a worker that is gone: marked failed" in again.stderr
+    assert "trials [0] lost their worker: marked failed, their points queued again" in again.stderr
     trials = trials_of(root)
-    assert trials[0].state.name == "FAIL"
-    assert sorted(t.state.name in ("COMPLETE", "PRUNED") for t in trials[1:]) == [True, True]
-    # A finished study: the same command trains nothing more.
-    done = subprocess.run(sweep_command(space, root, 2), cwd=repo, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and len(trials_of(root)) == len(trials)
+    assert trials[0].state.name == "FAIL" and "lost: its worker (pid %d" % worker.pid in trials[0].user_attrs["reason"]
+    record = json.load(open(root / "space" / "trial_0" / "run.json"))
+    assert record["status"] == "failed" and "lost: its worker" in record["final"]["error"]
+    points = grid_points(trials)
+    assert sorted(points) == [0, 1, 2] and sorted(points.values()) == [["COMPLETE"]] * 2 + [["FAIL", "COMPLETE"]]
+    retry = next(t for t in trials if t.system_attrs.get("retry_history") == [0])
+    assert retry.params == trials[0].params and retry.state.name == "COMPLETE"
+    report = subprocess.run([sys.executable, TOOL, "--report", "space", "--root", str(root)], cwd=repo,
+                            capture_output=True, text=True)
+    assert "retried as trial %d" % retry.number in report.stdout and "| fail |" in report.stdout
+    # A finished study: the same command trains nothing more, never a point twice.
+    done = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and len(trials_of(root)) == len(trials), done.stderr[-2000:]
 
 
 def test_sigterm_stops_the_worker_with_a_snapshot_and_status_130(repo, lmdb_dir, tmp_path):
@@ -152,8 +196,9 @@ def test_sigterm_stops_the_worker_with_a_snapshot_and_status_130(repo, lmdb_dir,
     _, err = worker.communicate(timeout=120)
     assert worker.returncode == 130, err[-2000:]
     assert "run the same command to continue the study" in err
-    [trial] = trials_of(root)
-    assert trial.state.name == "FAIL"
+    trial, retry = trials_of(root)
+    assert trial.state.name == "FAIL" and trial.user_attrs["reason"].startswith("lost: stopped by a signal")
+    assert retry.state.name == "WAITING" and retry.params == trial.params  # its point runs again next time
     record = json.load(open(root / "space" / "trial_0" / "run.json"))
     assert record["status"] == "interrupted" and os.listdir(root / "space" / "trial_0" / "snapshots")
 
@@ -174,6 +219,72 @@ def test_repeated_failures_end_the_worker(repo, lmdb_dir, tmp_path):
     assert report.returncode == 0 and "100.0%" not in report.stdout and "| – |" in report.stdout
 
 
+def test_a_trial_whose_weights_go_non_finite_late_fails_and_is_never_ranked(repo, lmdb_dir, tmp_path):
+    """19 iterations at a huge LR: the only loss line (iteration 0) is fine, the weights are NaN by
+    the end and Caffe's final test says 100 %: a FAIL, not a COMPLETE trial at 1.0."""
+    space = write_space(tmp_path, lmdb_dir, budget={"max_iter": 19, "test_interval": 19},
+                        params={"base_lr": {"type": "categorical", "choices": [1e6]}})
+    out = subprocess.run(sweep_command(space, tmp_path / "sweeps", 1, "--pruner", "none", "--sampler", "random"),
+                         cwd=repo, capture_output=True, text=True, timeout=600)
+    trials = trials_of(tmp_path / "sweeps")
+    assert trials and all(t.state.name == "FAIL" for t in trials), [(t.state.name, t.value) for t in trials]
+    assert out.returncode == 1 and "diverged" in trials[0].user_attrs["reason"]
+    submit = subprocess.run([sys.executable, "tools/make_submission.py", "--from-sweep", "space", "--top", "1",
+                             "--sweeps-root", str(tmp_path / "sweeps"), "--lmdb", os.path.join(lmdb_dir, "test_lmdb"),
+                             "--out", str(tmp_path / "s.txt")], cwd=repo, capture_output=True, text=True)
+    assert submit.returncode == 1 and "0 complete trial(s), fewer than --top 1" in submit.stderr
+
+
+def test_a_changed_space_or_data_is_refused_by_its_study(repo, lmdb_dir, tmp_path):
+    budget = {"max_iter": 20, "test_interval": 20}
+    space, root = write_space(tmp_path, lmdb_dir, budget=budget), tmp_path / "sweeps"
+    first = subprocess.run(sweep_command(space, root, 1), cwd=repo, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    count = len(trials_of(root))
+    changed = write_space(tmp_path, lmdb_dir, budget=dict(budget, max_iter=40),
+                          params={"base_lr": {"type": "categorical", "choices": [0.02, 0.01]}})
+    out = subprocess.run(sweep_command(changed, root, 2), cwd=repo, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "study 'space' was started with another space or data (budget.max_iter, params.base_lr.choices, " \
+        "params.weight_decay differ)" in out.stderr and "--name space-2" in out.stderr
+    other_data = tmp_path / "lmdb_copy"
+    shutil.copytree(lmdb_dir, other_data)
+    manifest = json.loads((other_data / "manifest.json").read_text())
+    manifest["source_fingerprint"] = "0" * 64  # the same LMDB made from other images
+    (other_data / "manifest.json").write_text(json.dumps(manifest))
+    moved = write_space(tmp_path, str(other_data), budget=budget)
+    out = subprocess.run(sweep_command(moved, root, 2), cwd=repo, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1 and "(data differ)" in out.stderr, out.stderr
+    assert len(trials_of(root)) == count  # nothing ran
+
+
+def test_reports_only_read_and_odd_roots_are_one_line(repo, lmdb_dir, tmp_path, mount_tmpfs):
+    """--report and --from-sweep on a read-only copy of a study (they only read it); a root with
+    glob characters works; an unwritable root is one line naming it."""
+    root = tmp_path / "sw[1]*"
+    space = write_space(tmp_path, lmdb_dir, budget={"max_iter": 20, "test_interval": 20},
+                        params={"base_lr": {"type": "categorical", "choices": [0.02]}})
+    out = subprocess.run(sweep_command(space, root, 1), cwd=repo, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    copy = mount_tmpfs("size=32m")
+    shutil.copytree(root, copy / "sweeps", symlinks=True)
+    subprocess.run(["mount", "-o", "remount,ro", str(copy)], check=True)
+    before = (copy / "sweeps" / "space" / sweep.JOURNAL).read_bytes()
+    report = subprocess.run([sys.executable, TOOL, "--report", "space", "--root", str(copy / "sweeps")], cwd=repo,
+                            capture_output=True, text=True)
+    assert report.returncode == 0 and "| 1 | 0 |" in report.stdout, report.stderr
+    assert "report files not written: %s" % (copy / "sweeps" / "space") in report.stderr
+    assert "Read-only file system" in report.stderr and "Traceback" not in report.stderr
+    submit = subprocess.run([sys.executable, "tools/make_submission.py", "--from-sweep", "space", "--top", "1",
+                             "--sweeps-root", str(copy / "sweeps"), "--lmdb", os.path.join(lmdb_dir, "test_lmdb"),
+                             "--out", str(tmp_path / "s.txt")], cwd=repo, capture_output=True, text=True)
+    assert submit.returncode == 0 and (tmp_path / "s.txt").is_file(), submit.stderr[-2000:]
+    assert (copy / "sweeps" / "space" / sweep.JOURNAL).read_bytes() == before
+    unwritable = subprocess.run(sweep_command(space, copy / "other", 1), cwd=repo, capture_output=True, text=True)
+    assert unwritable.returncode == 1 and len(unwritable.stderr.strip().splitlines()) == 1, unwritable.stderr
+    assert "%s: cannot hold the study's journal (Read-only file system)" % (copy / "other") in unwritable.stderr
+
+
 @pytest.mark.parametrize("change, needle", [
     (dict(params={"augment": {"type": "categorical", "choices": ["flip", "foo"]}}),
      "params.augment: choice 'foo' is not one of none, flip, colour, scale, full"),
@@ -183,11 +294,21 @@ def test_repeated_failures_end_the_worker(repo, lmdb_dir, tmp_path):
     (dict(params={"solver": {"type": "categorical", "choices": ["adagrad"]},
                   "momentum": {"type": "float", "low": 0.5, "high": 0.9}}), "Caffe refuses momentum with AdaGrad"),
     (dict(pruner={"median": {"n_startup": 3}}), "pruner.median:"),
-    (dict(variants=["resnet"]), "variants: unknown resnet (valid: alexnet"),
-    (dict(params={"lr": {"type": "float", "low": 0.1, "high": 1}}), "params.lr: not a searchable value"),
+    (dict(variants=["resnet"]), "variants.0: unknown 'resnet' (valid: alexnet"),
+    (dict(params={"lr": {"type": "float", "low": 0.1, "high": 1}}), "params.lr: unknown key (valid: batch_size, "),
     (dict(params={"base_lr": {"type": "float", "low": 1, "high": 0.1}}), "needs numbers low < high"),
     (dict(params={"base_lr": {"type": "float", "low": 0, "high": 0.1, "log": True}}), "log scale needs low > 0"),
-    (dict(budget={"max_iter": 0, "test_interval": 1}), "budget.max_iter must be an integer >= 1"),
+    (dict(budget={"max_iter": 0, "test_interval": 1}), "budget.max_iter: expected a value >= 1, got 0"),
+    # Issue 23: one declared schema, each error one line with the key path and the valid keys.
+    (dict(parmas={}), "space.json: parmas: unknown key (valid: variants, lmdb_dir, budget, seed, params, pruner)"),
+    (dict(budget=100), "space.json: budget: expected a mapping, got 100"),
+    (dict(seed=None), "space.json: seed: expected an integer, got None"),
+    (dict(budget={"max_iter": 10, "test_intervall": 5}), "budget: missing test_interval (required: max_iter, "),
+    (dict(params={"base_lr": {"type": "float", "low": 0.1, "high": 1, "lo": 3}}),
+     "params.base_lr.lo: unknown key (valid: type, low, high, log, choices)"),
+    (dict(params={"base_lr": {"type": "normal"}}), "params.base_lr.type: unknown 'normal' (valid: float, int, "),
+    (dict(pruner={"hyperband": {}}), "pruner.hyperband: unknown key (valid: asha, median, threshold, none)"),
+    (dict(variants=[]), "variants: expected at least 1 item(s), got []"),
     (dict(lmdb_dir="/nonexistent"), "lmdb_dir /nonexistent has no manifest.json"),
 ])
 def test_bad_space_is_one_line_naming_the_field(repo, lmdb_dir, tmp_path, change, needle):  # noqa: E501
@@ -244,14 +365,29 @@ def postgres():
 
 
 def test_two_workers_on_a_postgresql_study(repo, lmdb_dir, tmp_path, postgres):
-    """--storage postgresql://...: Optuna's RDB storage on a real server, two workers at once."""
+    """--storage postgresql://...: Optuna's RDB storage on a real server, two workers at once; a
+    password in the URL (the test server trusts any) never in `ps`, in messages or hints."""
     space, root = write_space(tmp_path, lmdb_dir), tmp_path / "sweeps"
-    command = sweep_command(space, root, 3, "--storage", postgres)
+    with_password = postgres.replace("postgres@", "postgres:sekret@")
+    url_file = tmp_path / "storage.url"
+    url_file.write_text(with_password + "\n")
+    command = sweep_command(space, root, 3, "--storage-file", str(url_file))
     first = subprocess.Popen(command, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(3)
-    second = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600)
+    listed = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    second = subprocess.run(sweep_command(space, root, 3), cwd=repo, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, **{sweep.STORAGE_ENV: with_password}))
     _, err = first.communicate(timeout=600)
     assert first.returncode == 0 and second.returncode == 0, (err[-2000:], second.stderr[-2000:])
+    assert "tools/sweep.py" in listed and "sekret" not in listed
+    assert "sekret" not in err + second.stderr
+    assert "--report space --root %s --storage-file %s" % (root, url_file) in err
+    assert "%s=<your URL> tools/sweep.py --report space --root %s" % (sweep.STORAGE_ENV, root) in second.stderr
+    bad = subprocess.run([sys.executable, TOOL, "--report", "space", "--root", str(root), "--storage",
+                          "postgresql+psycopg2://u:sekret@nohost.invalid:notaport/db"], cwd=repo, capture_output=True,
+                         text=True)
+    assert bad.returncode == 1 and "sekret" not in bad.stderr and "u:***@" in bad.stderr, bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
     assert not (root / "space" / sweep.JOURNAL).exists()  # the study is in PostgreSQL, not in a file
     study = sweep.open_study("space", sweep.make_storage(postgres, str(root / "space")))
     finished = [t for t in study.get_trials() if t.state.name in ("COMPLETE", "PRUNED")]

@@ -157,7 +157,7 @@ def new_run_dir(variant, runs_root=DEFAULT_RUNS):
 
 
 def newest_run_dir(variant, runs_root=DEFAULT_RUNS):
-    candidates = sorted(d for d in glob.glob(os.path.join(runs_root, variant, "*"))
+    candidates = sorted(d for d in glob.glob(os.path.join(glob.escape(runs_root), glob.escape(variant), "*"))
                         if os.path.isfile(os.path.join(d, "run.json")))
     if not candidates:
         raise RunError("--resume: no run of '%s' under %s" % (variant, os.path.join(runs_root, variant)))
@@ -178,14 +178,14 @@ def snapshot_iteration(path):
 
 
 def newest_solverstate(run_dir):
-    states = glob.glob(os.path.join(run_dir, "snapshots", "*.solverstate"))
+    states = glob.glob(os.path.join(glob.escape(run_dir), "snapshots", "*.solverstate"))
     if not states:
         raise RunError("--resume: %s has no .solverstate yet (nothing was snapshotted)" % run_dir)
     return max(states, key=snapshot_iteration)
 
 
 def newest_snapshot_iteration(run_dir):
-    files = glob.glob(os.path.join(run_dir, "snapshots", "*_iter_*"))
+    files = glob.glob(os.path.join(glob.escape(run_dir), "snapshots", "*_iter_*"))
     return max((snapshot_iteration(p) for p in files), default=0)
 
 
@@ -303,7 +303,7 @@ def drop_diverged_snapshots(run_dir, keep_up_to):
     None: no bound), then, newest first, any whose caffemodel holds a non-finite value, down to
     the first finite one. Returns (removed paths, the newest remaining .caffemodel or None)."""
     pairs = {}
-    for path in glob.glob(os.path.join(run_dir, "snapshots", "*_iter_*")):
+    for path in glob.glob(os.path.join(glob.escape(run_dir), "snapshots", "*_iter_*")):
         if snapshot_iteration(path) >= 0:
             pairs.setdefault(snapshot_iteration(path), []).append(path)
     removed = []

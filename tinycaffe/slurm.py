@@ -43,7 +43,6 @@ _NAME = re.compile(r"^[A-Za-z0-9._-]+$")  # a Slurm partition, account or GPU ty
 # The study: a folder under --root and an argument of tools/sweep.py, so never '.', '..' or an option.
 _STUDY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _STUDY_RULE = "expected a letter or digit, then letters, digits, '.', '_' or '-' (it names the job and its folder)"
-_PASSWORD = re.compile(r"^([\w+]+://[^:/]*:)[^@]*@")  # SQLAlchemy's own URL pattern: user:password@
 
 # sbatch options the script sets and depends on -> what to do instead. sbatch also takes any
 # unambiguous abbreviation of a long name (--arr=4), so those are refused too.
@@ -61,6 +60,9 @@ _GPU_OPTIONS = ("gres", "gpus", "gpus-per-node", "gpus-per-socket", "gpus-per-ta
                 "cpus-per-gpu", "mem-per-gpu")  # refused with --device cpu
 _SHORT = {"array": "a", "output": "o", "error": "e", "ntasks": "n", "gpus": "G"}
 _FULL_NAMES = {"mem"}  # sbatch options whose full name begins a refused one's (mem-per-gpu): never abbreviations
+# sbatch's short options that take no argument: getopt reads the next letter of the same word as
+# another option (-Ha0-7 is -H -a 0-7); any other letter takes the rest of the word as its value.
+_SHORT_FLAGS = set("HhOQsuVvW")
 
 
 class SlurmError(sweep.SweepError):
@@ -68,7 +70,8 @@ class SlurmError(sweep.SweepError):
 
 
 def time_seconds(value):
-    """Slurm's --time text -> seconds (None for UNLIMITED/INFINITE); SlurmError when it is no time."""
+    """Slurm's --time text -> seconds (None for UNLIMITED/INFINITE, and for 0, which sbatch reads as "no
+    limit"); SlurmError when it is no time."""
     if value.upper() in ("UNLIMITED", "INFINITE"):
         return None
     m = _TIME.match(value)
@@ -76,15 +79,15 @@ def time_seconds(value):
         raise SlurmError("--time '%s': expected a Slurm time: minutes, M:S, H:M:S, D-H, D-H:M or D-H:M:S" % value)
     days, hours, minutes, seconds, m_only, m_s, h_m_s = m.groups()
     if days is not None:  # D-H[:M[:S]]
-        return ((int(days) * 24 + int(hours)) * 60 + int(minutes or 0)) * 60 + int(seconds or 0)
-    if h_m_s is not None:  # H:M:S
-        return (int(m_only) * 60 + int(m_s)) * 60 + int(h_m_s)
-    return int(m_only) * 60 + int(m_s or 0)  # M or M:S
+        total = ((int(days) * 24 + int(hours)) * 60 + int(minutes or 0)) * 60 + int(seconds or 0)
+    elif h_m_s is not None:  # H:M:S
+        total = (int(m_only) * 60 + int(m_s)) * 60 + int(h_m_s)
+    else:
+        total = int(m_only) * 60 + int(m_s or 0)  # M or M:S
+    return total or None
 
 
-def masked(url):
-    """url with its password as ***, for anything printed (the job script itself needs it)."""
-    return _PASSWORD.sub(r"\1***@", url)
+masked = sweep.masked  # a URL with its password as ***, for anything printed
 
 
 def study_name(space_path, name=None):
@@ -148,8 +151,18 @@ def _option_names(word, names):
         typed = word[2:].split("=")[0]
         return [n for n in names if typed and (n == typed or (n.startswith(typed) and typed not in _FULL_NAMES))]
     if word.startswith("-") and len(word) > 1:
-        return [n for n in names if _SHORT.get(n) == word[1]]
+        return [n for n in names if _SHORT.get(n) in _short_letters(word)]
     return []  # a value
+
+
+def _short_letters(word):
+    """The option letters getopt reads from one -word: flags, then at most one option with its value."""
+    letters = []
+    for letter in word[1:]:
+        letters.append(letter)
+        if letter not in _SHORT_FLAGS:
+            break
+    return letters
 
 
 def check(space_path, name, tasks, max_running, trials, pruner, sampler, device, cpus_per_task, mem, time,
@@ -240,7 +253,7 @@ def job_script(space_path, name, sweep_dir, tasks=DEFAULT_TASKS, max_running=DEF
              "# Sweep '%s': %d Slurm array task(s), each one worker of tools/sweep.py against the study's storage."
              % (name, tasks),
              "# Written %s by: %s" % (datetime.datetime.now().isoformat(timespec="seconds"),
-                                      " ".join((command or "tinycaffe.slurm").split())),  # one comment line, whatever was typed
+                                      masked(" ".join((command or "tinycaffe.slurm").split()))),  # one comment line, whatever was typed
              "# Submit: sbatch %s" % shlex.quote(os.path.join(sweep_dir, JOB_SCRIPT)),
              "#SBATCH --job-name=sweep-%s" % name,
              "#SBATCH --array=%s" % array,
@@ -265,8 +278,8 @@ def job_script(space_path, name, sweep_dir, tasks=DEFAULT_TASKS, max_running=DEF
     worker = [python, os.path.join(repo, "tools", "sweep.py"), os.path.abspath(space_path), "--name", name,
               "--trials", str(trials), "--gpu", "0" if device == "gpu" else "cpu", "--pruner", pruner,
               "--sampler", sampler, "--root", os.path.dirname(sweep_dir)]
-    if storage:
-        worker += ["--storage", storage]
+    if storage:  # the URL stays out of the script and of every node's `ps`: a 0600 file beside it
+        worker += ["--storage-file", os.path.join(sweep_dir, sweep.STORAGE_FILE)]
     lines += ["",
               "export PYTHONUNBUFFERED=1  # the output file shows each line when it is written",
               "# Slurm's allocation, not the node's cores: a CPU worker's BLAS would use every core of a shared node.",
@@ -312,9 +325,14 @@ def write(space_path, name=None, root=None, tasks=DEFAULT_TASKS, max_running=DEF
             target = copy
             with atomic_open(copy, "wb") as f:
                 f.write(data)
+        if storage:
+            target = os.path.join(sweep_dir, sweep.STORAGE_FILE)
+            with atomic_open(target) as f:
+                os.fchmod(f.fileno(), 0o600)  # before the text: the URL may hold a password
+                f.write(storage + "\n")
         target = path
         with atomic_open(path) as f:
-            os.fchmod(f.fileno(), 0o700)  # before the text: a --storage password is in it
+            os.fchmod(f.fileno(), 0o700)
             f.write(text)
     except OSError as exc:  # --root a file, a read-only folder, slurm_job.sh a folder, ...: undo this call's writes
         if not have_copy and target == path:

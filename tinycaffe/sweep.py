@@ -13,6 +13,7 @@ import csv
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,9 +21,10 @@ import tempfile
 
 from google.protobuf import text_format
 
-from . import augment, caffelog, gen, nets, repo_path, runs, solver as solvers, train
+from . import caffelog, gen, repo_path, runs, sweep_recovery, sweep_space, train
 from .caffe_env import caffe_pb2
 from .files import atomic_open, write_text
+from .sweep_space import GEN_PARAMS, PRUNERS, SAMPLERS, SOLVER_PARAMS, SweepError, resolve_lmdb_dir  # noqa: F401
 
 # ---------------------------------------------------------------- defaults
 DEFAULT_ROOT = "sweeps"  # sweeps/<name>/: the journal, trial run dirs, the report
@@ -30,122 +32,24 @@ DEFAULT_TRIALS = 20  # finished (complete or pruned) trials the study aims at
 DEFAULT_PRUNER = "median"  # Optuna's MedianPruner
 DEFAULT_SAMPLER = "tpe"  # Optuna's TPESampler
 JOURNAL = "journal.log"  # the file store's name inside sweeps/<name>/
-GEN_PARAMS = ("batch_size", "augment", "solver", "crop")  # searched through gen.GenConfig
-SOLVER_PARAMS = ("base_lr", "weight_decay", "momentum", "gamma", "stepsize")  # SolverParameter fields
-KINDS = ("float", "int", "categorical")
-PRUNERS = ("asha", "median", "threshold", "none")
-SAMPLERS = ("tpe", "random", "grid")
-
-
-class SweepError(Exception):
-    """Bad space file or arguments: one line naming the file or field."""
+STORAGE_ENV = "TINYCAFFE_SWEEP_STORAGE"  # an RDB URL passed to workers: never in argv, which `ps` shows every user
+STORAGE_FILE = "storage.url"  # sweeps/<name>/storage.url (0600): the URL Slurm workers read (--storage-file)
 
 
 class TrialFailed(Exception):
     """A trial's training did not finish (failed, diverged or interrupted): never a result."""
 
 
-# ---------------------------------------------------------------- the space file
 def load_space(path):
-    """Read and check SPACE; -> dict with variants, lmdb_dir, budget, params, pruner/sampler options."""
-    import yaml
-    try:
-        with open(path) as f:
-            space = yaml.safe_load(f)  # JSON is YAML too
-    except OSError as exc:
-        raise SweepError("%s: %s" % (path, exc.strerror))
-    except yaml.YAMLError as exc:
-        raise SweepError("%s: not YAML/JSON (%s)" % (path, str(exc).splitlines()[0]))
-    if not isinstance(space, dict):
-        raise SweepError("%s: expected a mapping with variants, budget and params" % path)
-    variants = space.get("variants", ["tiny"])
-    if isinstance(variants, str):
-        variants = [variants]
-    unknown = [v for v in variants if v not in nets.VARIANTS]
-    if not variants or unknown:
-        raise SweepError("%s: variants: unknown %s (valid: %s)" % (path, ", ".join(map(str, unknown)) or "(none)",
-                                                                  ", ".join(nets.VARIANTS)))
-    budget = space.get("budget") or {}
-    for key in ("max_iter", "test_interval"):
-        if not isinstance(budget.get(key), int) or budget[key] < 1:
-            raise SweepError("%s: budget.%s must be an integer >= 1, got %r" % (path, key, budget.get(key)))
-    params = space.get("params") or {}
-    if not isinstance(params, dict):
-        raise SweepError("%s: params must be a mapping of name -> {type, ...}" % path)
-    for name, spec in params.items():
-        _check_param(path, name, spec)
-    lmdb_dir = resolve_lmdb_dir(space.get("lmdb_dir", gen.DEFAULT_LMDB_DIR), path)
-    if not os.path.isfile(os.path.join(lmdb_dir, "manifest.json")):
-        raise SweepError("%s: lmdb_dir %s has no manifest.json (run tools/make_lmdb.py first)" % (path, lmdb_dir))
-    loaded = {"variants": list(variants), "lmdb_dir": lmdb_dir, "budget": budget, "params": params,
-              "pruner": space.get("pruner") or {}, "seed": int(space.get("seed", 0)), "path": os.path.abspath(path)}
-    _check_combinations(path, loaded)
-    if not isinstance(loaded["pruner"], dict):
-        raise SweepError("%s: pruner must map a pruner name to its options" % path)
-    for name in loaded["pruner"]:
+    """Read and check SPACE (sweep_space.parse_space), and its pruner options against Optuna's own
+    pruners; -> the space dict."""
+    space = sweep_space.parse_space(path)
+    for name in space["pruner"]:
         try:
-            make_pruner(name, loaded["pruner"])
+            make_pruner(name, space["pruner"])
         except TypeError as exc:
             raise SweepError("%s: pruner.%s: %s" % (path, name, exc))
-    return loaded
-
-
-def resolve_lmdb_dir(lmdb_dir, space_path):
-    """A space's lmdb_dir made absolute: relative to the space file's folder where it is there, else to the repo."""
-    if os.path.isabs(lmdb_dir):
-        return lmdb_dir
-    beside = os.path.join(os.path.dirname(os.path.abspath(space_path)), lmdb_dir)
-    return beside if os.path.isdir(beside) else repo_path(lmdb_dir)
-
-
-# What each searchable value may be: (kind of value, check, what the check wants).
-_number = augment.finite_number
-VALUE_RULES = {
-    "batch_size": ("int", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
-    "crop": ("int", lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 64, "an integer 1..64"),
-    "stepsize": ("int", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
-    "augment": ("choice", lambda v: v in augment.PRESETS, "one of %s" % ", ".join(augment.PRESETS)),
-    "solver": ("choice", lambda v: v in solvers.SOLVER_TYPES, "one of %s" % ", ".join(solvers.SOLVER_TYPES)),
-    "base_lr": ("float", lambda v: _number(v) and v >= 0, "a number >= 0"),
-    "weight_decay": ("float", lambda v: _number(v) and v >= 0, "a number >= 0"),
-    "momentum": ("float", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "gamma": ("float", lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
-}
-
-
-def _check_param(path, name, spec):
-    where = "%s: params.%s" % (path, name)
-    if name not in VALUE_RULES:
-        raise SweepError("%s: not a searchable value (valid: %s)" % (where, ", ".join(VALUE_RULES)))
-    kind, ok, wanted = VALUE_RULES[name]
-    if not isinstance(spec, dict) or spec.get("type") not in KINDS:
-        raise SweepError("%s: needs type: %s" % (where, " | ".join(KINDS)))
-    if spec["type"] == "categorical":
-        if not isinstance(spec.get("choices"), list) or not spec["choices"]:
-            raise SweepError("%s: categorical needs a non-empty list of choices" % where)
-        bad = [c for c in spec["choices"] if not ok(c)]
-        if bad:
-            raise SweepError("%s: choice %r is not %s" % (where, bad[0], wanted))
-        return
-    if kind == "choice":
-        raise SweepError("%s: a choice, so type: categorical with choices (%s)" % (where, wanted))
-    if kind == "int" and spec["type"] != "int":
-        raise SweepError("%s: an integer, so type: int (or categorical)" % where)
-    low, high = spec.get("low"), spec.get("high")
-    if not all(_number(v) for v in (low, high)) or not low < high:
-        raise SweepError("%s: %s needs numbers low < high, got %r and %r" % (where, spec["type"], low, high))
-    if not (ok(low) and ok(high)) and not (kind == "int" and ok(int(low)) and ok(int(high))):
-        raise SweepError("%s: low and high must be %s, got %r and %r" % (where, wanted, low, high))
-    if spec.get("log") and low <= 0:
-        raise SweepError("%s: log scale needs low > 0, got %r" % (where, low))
-
-
-def _check_combinations(path, space):
-    """Values that can never work together: Caffe refuses momentum with AdaGrad."""
-    solver_choices = space["params"].get("solver", {}).get("choices", [])
-    if "adagrad" in solver_choices and "momentum" in space["params"]:
-        raise SweepError("%s: params.momentum with solver adagrad: Caffe refuses momentum with AdaGrad; search "
-                         "them in separate sweeps" % path)
+    return space
 
 
 def suggest(trial, space):
@@ -206,14 +110,31 @@ def make_sampler(name, space):
     raise SweepError("unknown --sampler '%s' (valid: %s)" % (name, ", ".join(SAMPLERS)))
 
 
-def make_storage(url, sweep_dir):
-    """The file journal in sweep_dir (default) or Optuna's RDB storage for a URL."""
-    import optuna
+_PASSWORD = re.compile(r"([\w+]+://[^:/@\s]*:)[^@\s]*@")  # SQLAlchemy's own URL pattern: user:password@
+
+
+def masked(url):
+    """url (or a command line holding one) with its password as ***, for anything printed, logged,
+    reported or written into a job script."""
+    return _PASSWORD.sub(r"\1***@", url)
+
+
+def make_storage(url, sweep_dir, heartbeat=sweep_recovery.HEARTBEAT_SECONDS):
+    """The file journal in sweep_dir (default) or Optuna's RDB storage for a URL, both with
+    heartbeats (sweep_recovery); a URL that does not parse or a database that does not answer is
+    a SweepError naming the URL, its password masked."""
     if url:
-        return optuna.storages.RDBStorage(url)
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
-    os.makedirs(sweep_dir, exist_ok=True)
-    return JournalStorage(JournalFileBackend(os.path.join(sweep_dir, JOURNAL)))
+        try:
+            return sweep_recovery.rdb_storage(url, heartbeat)
+        except Exception as exc:  # SQLAlchemy's ArgumentError, OperationalError, ... with the URL in them
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise SweepError("--storage %s: %s" % (masked(url), first.replace(url, masked(url)))) from None
+    try:
+        os.makedirs(sweep_dir, exist_ok=True)
+        return sweep_recovery.make_heartbeat_journal(os.path.join(sweep_dir, JOURNAL), heartbeat)
+    except OSError as exc:
+        raise SweepError("%s: cannot hold the study's journal (%s)" % (exc.filename or sweep_dir,
+                                                                        exc.strerror or exc)) from None
 
 
 def open_study(name, storage, sampler=None, pruner=None):
@@ -221,35 +142,6 @@ def open_study(name, storage, sampler=None, pruner=None):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
                                direction="maximize", load_if_exists=True)
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def fail_orphans(study):
-    """Trials left RUNNING by a worker of this machine (same host name) whose process is gone
-    (killed, crashed): FAIL, so they never count as results. Trials of other machines are left
-    alone; they do not hold up this worker either (only finished trials count)."""
-    from optuna.exceptions import UpdateFinishedTrialError
-    from optuna.trial import TrialState
-    host, failed = socket.gethostname(), []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = t.user_attrs.get("worker") or {}
-        pid = int(worker.get("pid", 0) or 0)
-        if worker.get("host") == host and pid > 0 and pid != os.getpid() and not _alive(pid):
-            try:
-                study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            except UpdateFinishedTrialError:
-                continue  # another worker starting at the same moment failed it first
-            failed.append(t.number)
-    return failed
 
 
 # ---------------------------------------------------------------- one trial
@@ -317,8 +209,10 @@ class Interrupted(Exception):
 
 
 def run_trial(trial, space, sweep_dir, gpu):
-    """Train one trial into sweep_dir/trial_<n>; -> its best val top-1. Raises optuna.TrialPruned
-    when pruned, Interrupted on Ctrl-C/SIGTERM and TrialFailed when training did not finish."""
+    """Train one trial into sweep_dir/trial_<n>; -> the val top-1 of its final snapshot (the model
+    make_submission.py --from-sweep submits, so the ranking and the submission are the same
+    model). Raises optuna.TrialPruned when pruned, Interrupted on Ctrl-C/SIGTERM and TrialFailed
+    when training did not finish (failed, diverged: non-finite weights or outputs included)."""
     import optuna
     values = suggest(trial, space)
     run_dir = os.path.join(sweep_dir, "trial_%d" % trial.number)
@@ -334,20 +228,24 @@ def run_trial(trial, space, sweep_dir, gpu):
         reporter.finish()
     record = runs.load_record(run_dir)
     final = record.get("final") or {}
-    trial.set_user_attr("final", {k: final[k] for k in ("iterations", "best_accuracy_top1", "best_accuracy_top5",
-                                                        "accuracy_top1", "wall_seconds") if k in final})
+    trial.set_user_attr("final", {k: final[k] for k in FINAL_KEYS if k in final})
     if stops.received:
         raise Interrupted("trial %d stopped by a signal at iteration %s (snapshot in %s)"
                           % (trial.number, final.get("iterations"), run_dir))
     if reporter.pruned:
         record["status"] = "pruned"
         runs.save_record(run_dir, record)
-        raise optuna.TrialPruned("val top-1 %s at iteration %d" % (reporter.reported.get(reporter.iteration),
-                                                                   reporter.iteration))
-    if code != 0 or "best_accuracy_top1" not in final:
+        raise optuna.TrialPruned("pruned: val top-1 %s at iteration %d" % (reporter.reported.get(reporter.iteration),
+                                                                           reporter.iteration))
+    if code != 0 or "accuracy_top1" not in final or final.get("tested_at") != final.get("iterations"):
         raise TrialFailed("trial %d: training %s (exit %d), see %s" % (trial.number, record.get("status"), code,
                                                                         os.path.join(run_dir, "caffe.log")))
-    return final["best_accuracy_top1"]
+    return final["accuracy_top1"]
+
+
+# What a trial keeps of its run's final numbers (run.json), for the report.
+FINAL_KEYS = ("iterations", "tested_at", "accuracy_top1", "accuracy_top5", "best_accuracy_top1", "best_accuracy_top5",
+              "wall_seconds")
 
 
 # ---------------------------------------------------------------- workers
@@ -364,7 +262,7 @@ def _stop_between_trials(signum, frame):
     raise KeyboardInterrupt  # SIGTERM outside a trial's training stops the worker as Ctrl-C does
 
 
-def work(space, name, sweep_dir, trials, gpu, storage_url, pruner, sampler):
+def work(space, name, sweep_dir, trials, gpu, storage_url, pruner, sampler, heartbeat=None):
     """One worker: ask, train, tell, until the study holds `trials` finished trials (several
     workers may together overshoot by the trials still running when it is reached).
     -> (trials this worker told, exit status: 0, 1 after repeated failures, 130 on a signal
@@ -373,46 +271,77 @@ def work(space, name, sweep_dir, trials, gpu, storage_url, pruner, sampler):
     import signal
     previous = signal.signal(signal.SIGTERM, _stop_between_trials)
     try:
-        return _work(space, name, sweep_dir, trials, gpu, storage_url, pruner, sampler)
+        return _work(space, name, sweep_dir, trials, gpu, storage_url, pruner, sampler,
+                     heartbeat or sweep_recovery.HEARTBEAT_SECONDS)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _work(space, name, sweep_dir, trials, gpu, storage_url, pruner, sampler):
+def _work(space, name, sweep_dir, trials, gpu, storage_url, pruner, sampler, heartbeat):
     import optuna
     from optuna.trial import TrialState
-    storage = make_storage(storage_url, sweep_dir)
+    storage = make_storage(storage_url, sweep_dir, heartbeat)
     study = open_study(name, storage, make_sampler(sampler, space), make_pruner(pruner, space["pruner"]))
-    orphans = fail_orphans(study)
-    if orphans:
-        print("[sweep] trials %s of a worker that is gone: marked failed" % orphans, file=sys.stderr)
+    check_same_experiment(study, space, name)
+    grid = sweep_recovery.grid_size(grid_space(space)) if sampler == "grid" else None
     done = failures = 0
-    while len(finished(study)) < trials:
+    while True:
+        lost = sweep_recovery.collect_lost(study)  # before every ask: a worker may have died meanwhile
+        if lost:
+            print("[sweep] trials %s lost their worker: marked failed, their points queued again" % lost,
+                  file=sys.stderr)
+        if len(finished(study)) >= trials or not sweep_recovery.work_left(study, grid):
+            return done, 0
         trial = _ask(study, sweep_dir)
         try:
-            value = run_trial(trial, space, sweep_dir, gpu)
-        except KeyboardInterrupt:  # before or after its training: the asked trial is no result
-            _tell(study, trial, state=TrialState.FAIL)
-            raise
-        except optuna.TrialPruned:
-            grid_done, failures = _tell(study, trial, state=TrialState.PRUNED), 0
-        except Interrupted as exc:
-            _tell(study, trial, state=TrialState.FAIL)
+            with sweep_recovery.heartbeat(study, trial):
+                value = run_trial(trial, space, sweep_dir, gpu)
+        except (KeyboardInterrupt, Interrupted) as exc:  # the asked trial is no result; its point is queued again
+            _lose(study, trial, "stopped by a signal: %s" % (exc or "Ctrl-C or SIGTERM between trials"))
+            if isinstance(exc, KeyboardInterrupt):
+                raise
             print("[sweep] %s; run the same command to continue the study" % exc, file=sys.stderr)
             return done + 1, 130
+        except optuna.TrialPruned as exc:
+            trial.set_user_attr("reason", str(exc))
+            _tell(study, trial, state=TrialState.PRUNED)
+            failures = 0
         except (TrialFailed, runs.RunError, ValueError) as exc:
-            grid_done, failures = _tell(study, trial, state=TrialState.FAIL), failures + 1
+            trial.set_user_attr("reason", str(exc))
+            _tell(study, trial, state=TrialState.FAIL)
+            failures += 1
             print("[sweep] %s" % exc, file=sys.stderr)
             if failures >= MAX_FAILURES_IN_A_ROW:
                 print("[sweep] %d trials failed in a row: this worker stops (see their caffe.log)" % failures,
                       file=sys.stderr)
                 return done + 1, 1
         else:
-            grid_done, failures = _tell(study, trial, value), 0
+            _tell(study, trial, value)
+            failures = 0
         done += 1
-        if grid_done:
-            break
-    return done, 0
+
+
+def _lose(study, trial, reason):
+    """A trial this worker stops before it ends: FAIL with the reason, its point queued again."""
+    from optuna.trial import TrialState
+    trial.set_user_attr("reason", "lost: " + reason)
+    _tell(study, trial, state=TrialState.FAIL)
+    sweep_recovery.lost(study, study._storage.get_trial(trial._trial_id))
+
+
+def check_same_experiment(study, space, name):
+    """A study is one experiment: the first worker stores the space and the data's fingerprint
+    with it; a worker with another space or data is refused, naming what differs."""
+    current = sweep_space.identity(space)
+    stored = study.user_attrs.get("space")
+    if stored is None:
+        study.set_user_attr("space", current)
+        return
+    changed = sweep_space.differences(stored, current)
+    if changed:
+        raise SweepError("study '%s' was started with another space or data (%s differ): its trials would not "
+                         "compare; run it with the space it began with, or start a new study with --name %s-2"
+                         % (name, ", ".join(changed), name))
 
 
 def _ask(study, sweep_dir):
@@ -428,19 +357,18 @@ def _ask(study, sweep_dir):
 
 
 def _tell(study, trial, value=None, state=None):
-    """study.tell; True when the grid sampler has run out of combinations (it then calls
-    Study.stop, which Optuna allows only inside optimize(): the state is stored all the same)."""
+    """study.tell. The grid sampler calls Study.stop when it has handed out every point, which
+    Optuna allows only inside optimize(): the state is stored all the same, and whether work is
+    left is sweep_recovery.work_left's to say (a lost point queued again is)."""
     try:
         study.tell(trial, value, state=state)
     except RuntimeError as exc:
         if "Study.stop" not in str(exc):
             raise
-        return True
-    return False
 
 
 def run(space_path, name=None, trials=DEFAULT_TRIALS, gpu="cpu", storage=None, pruner=DEFAULT_PRUNER,
-        sampler=DEFAULT_SAMPLER, root=None):
+        sampler=DEFAULT_SAMPLER, root=None, heartbeat=None):
     """The command: one worker on the CPU or one GPU, one worker process per GPU for a list."""
     space = load_space(space_path)
     name = name or os.path.splitext(os.path.basename(space_path))[0]
@@ -451,21 +379,22 @@ def run(space_path, name=None, trials=DEFAULT_TRIALS, gpu="cpu", storage=None, p
         raise SweepError("--trials must be >= 1, got %d" % trials)
     gpus = [] if gpu in (None, "cpu") else gpu.split(",")
     if len(gpus) <= 1:
-        return work(space, name, sweep_dir, trials, gpus[0] if gpus else None, storage, pruner, sampler)
-    return _run_workers(space_path, name, sweep_dir, trials, gpus, storage, pruner, sampler)
+        return work(space, name, sweep_dir, trials, gpus[0] if gpus else None, storage, pruner, sampler, heartbeat)
+    return _run_workers(space_path, name, sweep_dir, trials, gpus, storage, pruner, sampler, heartbeat)
 
 
-def _run_workers(space_path, name, sweep_dir, trials, gpus, storage, pruner, sampler):
+def _run_workers(space_path, name, sweep_dir, trials, gpus, storage, pruner, sampler, heartbeat=None):
     """One worker process per GPU; Ctrl-C and SIGTERM are passed on to all of them (each then
-    snapshots its trial). -> (0, worst exit status)."""
+    snapshots its trial). The storage URL goes through the environment (argv is public).
+    -> (0, worst exit status)."""
     import signal
     procs = []
+    env = dict(os.environ, **({STORAGE_ENV: storage} if storage else {}))
     for one in gpus:
         command = [sys.executable, "-m", "tinycaffe.sweep", space_path, "--name", name, "--trials", str(trials),
-                   "--gpu", one, "--pruner", pruner, "--sampler", sampler, "--root", os.path.dirname(sweep_dir)]
-        if storage:
-            command += ["--storage", storage]
-        procs.append(subprocess.Popen(command))
+                   "--gpu", one, "--pruner", pruner, "--sampler", sampler, "--root", os.path.dirname(sweep_dir),
+                   "--heartbeat", str(heartbeat or sweep_recovery.HEARTBEAT_SECONDS)]
+        procs.append(subprocess.Popen(command, env=env))
 
     def pass_on(signum, frame):
         for p in procs:
@@ -480,61 +409,125 @@ def _run_workers(space_path, name, sweep_dir, trials, gpus, storage, pruner, sam
     return 0, max(codes, key=lambda c: (c != 0, abs(c)))
 
 
+def storage_url(url=None, url_file=None):
+    """The study's RDB URL from --storage, --storage-file (a file holding it, e.g. the 0600
+    sweeps/<name>/storage.url sweep_slurm.py writes) or $TINYCAFFE_SWEEP_STORAGE; None: the journal."""
+    if url and url_file:
+        raise SweepError("--storage and --storage-file: give one")
+    if url_file:
+        try:
+            with open(url_file) as f:
+                url = f.read().strip()
+        except OSError as exc:
+            raise SweepError("--storage-file %s: %s" % (url_file, exc.strerror))
+        if not url:
+            raise SweepError("--storage-file %s: empty (expected one database URL)" % url_file)
+    return url or os.environ.get(STORAGE_ENV) or None
+
+
+def again_command(tool, name, root=None, storage_file=None, storage=None):
+    """A command line naming study `name` where it lives (--root, the storage), for hints to copy:
+    a URL's password never printed (the file or $TINYCAFFE_SWEEP_STORAGE is named instead)."""
+    import shlex
+    parts = tool.split() + [name]
+    if root:
+        parts += ["--root", os.path.abspath(root)]
+    if storage_file:
+        parts += ["--storage-file", os.path.abspath(storage_file)]
+    elif storage:
+        parts += ["--storage", storage] if masked(storage) == storage else []
+    line = " ".join(shlex.quote(p) for p in parts)
+    if storage and not storage_file and masked(storage) != storage:
+        line = "%s=<your URL> %s" % (STORAGE_ENV, line)
+    return line
+
+
 # ---------------------------------------------------------------- the report
 def _sweep_dir(name, root=None):
     return os.path.join(os.path.abspath(root) if root else repo_path(DEFAULT_ROOT), name)
 
 
 def _existing_study(name, root, storage):
-    """(sweeps/<name>/, the study) of a sweep that was run: never an empty new one for a typo."""
+    """(sweeps/<name>/, the study) of a sweep that was run, loaded without a write to its storage
+    (a report reads; a read-only copy of a journal works): never an empty new one for a typo."""
+    import optuna
     sweep_dir = _sweep_dir(name, root)
     if not storage and not os.path.isfile(os.path.join(sweep_dir, JOURNAL)):
         raise SweepError("no sweep '%s': %s has no %s" % (name, sweep_dir, JOURNAL))
-    return sweep_dir, open_study(name, make_storage(storage, sweep_dir))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    where = masked(storage) if storage else os.path.join(sweep_dir, JOURNAL)
+    backend = make_storage(storage, sweep_dir)
+    try:
+        return sweep_dir, optuna.load_study(study_name=name, storage=backend)
+    except KeyError:  # Optuna: no study of that name in the storage
+        raise SweepError("no sweep '%s' in %s" % (name, where)) from None
+
+
+RANKED_BY = ("ranked by the val top-1 of each complete trial's final snapshot, the model make_submission.py "
+             "--from-sweep submits; pruned and failed trials follow, unranked, with their reason")
 
 
 def report(name, root=None, storage=None, out=print):
     """Ranked Markdown table, CSV and PNGs of a study into sweeps/<name>/; -> the rows."""
     sweep_dir, study = _existing_study(name, root, storage)
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        final = t.user_attrs.get("final") or {}
-        wall = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and \
-            t.datetime_start else None
-        rows.append({"trial": t.number, "status": t.state.name.lower(), "params": t.params,
-                     "best_top1": final.get("best_accuracy_top1"), "best_top5": final.get("best_accuracy_top5"),
-                     "iterations": final.get("iterations"), "wall_seconds": wall,
-                     "run_dir": t.user_attrs.get("run_dir")})
+    trials = study.get_trials(deepcopy=False)
+    rows = [_report_row(t, trials) for t in trials]
     order = {"complete": 0, "pruned": 1}
-    rows.sort(key=lambda r: (order.get(r["status"], 2), -(r["best_top1"] if r["best_top1"] is not None else -1),
-                             r["trial"]))
-    lines = ["| rank | trial | params | best val top-1 | best val top-5 | iterations | status | wall s |",
-             "|---:|---:|---|---:|---:|---:|---|---:|"]
-    for rank, r in enumerate(rows, 1):
-        if r["status"] not in ("complete", "pruned"):
-            r["best_top1"] = r["best_top5"] = None  # a failed run's numbers are no result (NaN weights say 100%)
-        lines.append("| %s | %d | %s | %s | %s | %s | %s | %s |" % (
-            rank if r["status"] in ("complete", "pruned") else "–", r["trial"], ", ".join("%s=%s" % (k, _short(v)) for k, v in sorted(r["params"].items())),
-            _pct(r["best_top1"]), _pct(r["best_top5"]), r["iterations"] if r["iterations"] is not None else "",
-            r["status"], "%.0f" % r["wall_seconds"] if r["wall_seconds"] is not None else ""))
+    rows.sort(key=lambda r: (order.get(r["status"], 2), -(r["top1"] if r["top1"] is not None else -1), r["trial"]))
+    for rank, r in enumerate((r for r in rows if r["status"] == "complete"), 1):
+        r["rank"] = rank
+    lines = ["| rank | trial | params | val top-1 (final snapshot) | val top-5 | best val top-1 (any test) | "
+             "iterations | status | wall s | reason |",
+             "|---:|---:|---|---:|---:|---:|---:|---|---:|---|"]
+    for r in rows:
+        lines.append("| %s | %d | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            r["rank"] or "–", r["trial"], ", ".join("%s=%s" % (k, _short(v)) for k, v in sorted(r["params"].items())),
+            _pct(r["top1"]), _pct(r["top5"]), _pct(r["best_top1"]), r["iterations"] if r["iterations"] is not None
+            else "", r["status"], "%.0f" % r["wall_seconds"] if r["wall_seconds"] is not None else "",
+            r["reason"].replace("|", "/")))
     table = "\n".join(lines) + "\n"
-    write_text(os.path.join(sweep_dir, "report.md"), "# Sweep %s\n\n%s" % (name, table))
-    with atomic_open(os.path.join(sweep_dir, "report.csv"), newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["rank", "trial", "params", "best_top1", "best_top5", "iterations", "status", "wall_seconds",
-                    "run_dir"])
-        for rank, r in enumerate(rows, 1):
-            w.writerow([rank, r["trial"], json.dumps(r["params"], sort_keys=True), r["best_top1"], r["best_top5"],
-                        r["iterations"], r["status"], r["wall_seconds"], r["run_dir"]])
-    out(table)
-    for png in _plots(study, sweep_dir):
-        out("wrote " + png)
+    out("%s\n%s" % (RANKED_BY, table))
+    try:
+        _write_report_files(name, study, sweep_dir, table, rows, out)
+    except OSError as exc:  # a read-only copy of the study: the table above is the report
+        print("[sweep] report files not written: %s: %s" % (exc.filename or sweep_dir, exc.strerror or exc),
+              file=sys.stderr)
     return rows
 
 
+def _write_report_files(name, study, sweep_dir, table, rows, out):
+    """report.md, report.csv and Optuna's plots in the sweep's folder."""
+    write_text(os.path.join(sweep_dir, "report.md"), "# Sweep %s\n\n%s: %s.\n\n%s" % (name, name, RANKED_BY, table))
+    with atomic_open(os.path.join(sweep_dir, "report.csv"), newline="") as f:
+        w = csv.writer(f)
+        columns = ["rank", "trial", "params", "top1", "top5", "best_top1", "iterations", "status", "wall_seconds",
+                   "reason", "run_dir"]
+        w.writerow(columns)
+        for r in rows:
+            w.writerow([json.dumps(r[c], sort_keys=True) if c == "params" else r[c] for c in columns])
+    for png in _plots(study, sweep_dir):
+        out("wrote " + png)
+
+
+def _report_row(t, trials):
+    """A trial as the report shows it: a failed or pruned run's numbers are no result (NaN weights
+    test at 100 %, a pruned trial stopped early), so only complete trials carry them."""
+    final = t.user_attrs.get("final") or {}
+    complete = t.state.name == "COMPLETE"
+    wall = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and \
+        t.datetime_start else None
+    return {"rank": None, "trial": t.number, "status": t.state.name.lower(), "params": t.params,
+            "top1": t.value if complete else None, "top5": final.get("accuracy_top5") if complete else None,
+            "best_top1": final.get("best_accuracy_top1") if complete else None,
+            "iterations": final.get("iterations"), "wall_seconds": wall,
+            "reason": sweep_recovery.lost_reason(t, trials) if t.state.name == "FAIL" else t.user_attrs.get("reason", ""),
+            "run_dir": t.user_attrs.get("run_dir")}
+
+
 def best_models(name, top, root=None, storage=None):
-    """(deploy.prototxt, final .caffemodel) of the `top` complete trials with the best val top-1,
-    best first: what make_submission.py --from-sweep averages."""
+    """(deploy.prototxt, final .caffemodel) of the `top` complete trials whose final snapshot has
+    the best val top-1 (their value: the report's ranking), best first: what make_submission.py
+    --from-sweep averages."""
     import glob
 
     from optuna.trial import TrialState
@@ -548,7 +541,7 @@ def best_models(name, top, root=None, storage=None):
     models = []
     for t in complete[:top]:
         run_dir = t.user_attrs["run_dir"]
-        weights = glob.glob(os.path.join(run_dir, "snapshots", "*_iter_*.caffemodel"))
+        weights = glob.glob(os.path.join(glob.escape(run_dir), "snapshots", "*_iter_*.caffemodel"))
         deploy = os.path.join(run_dir, "deploy.prototxt")
         if not weights or not os.path.isfile(deploy):
             raise SweepError("trial %d: %s lacks deploy.prototxt or a final .caffemodel" % (t.number, run_dir))
@@ -599,12 +592,13 @@ def _worker_main(argv):
     p.add_argument("--pruner")
     p.add_argument("--sampler")
     p.add_argument("--root")
-    p.add_argument("--storage", default=None)
+    p.add_argument("--heartbeat", type=int, default=None)
     a = p.parse_args(argv)
+    a.storage = os.environ.get(STORAGE_ENV) or None
     try:
         space = load_space(a.space)
         _, status = work(space, a.name, os.path.join(a.root, a.name), a.trials, a.gpu, a.storage, a.pruner,
-                         a.sampler)
+                         a.sampler, a.heartbeat)
     except (SweepError, runs.RunError, ValueError) as exc:
         print("sweep worker (gpu %s): error: %s" % (a.gpu, exc), file=sys.stderr)
         return 1

@@ -174,6 +174,21 @@ def _ignore_stop_signals():
     parent with every log line until the child stops (StopSignals.forward)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent():
+    """Linux: SIGKILL this (child) process when the process that started it dies, however it dies
+    (kill -9, OOM, a Slurm time limit's final SIGKILL): no Caffe trains on without its run's owner,
+    unseen, holding a GPU. Elsewhere a no-op."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
 
 
 class StopSignals:
@@ -373,7 +388,7 @@ def _late_divergence(run_dir, test):
                if k not in ("NumIters", "Seconds", "LearningRate")):
             return row["NumIters"]
     newest = runs.newest_snapshot_iteration(run_dir)
-    models = glob.glob(os.path.join(run_dir, "snapshots", "*_iter_%d.caffemodel" % newest))
+    models = glob.glob(os.path.join(glob.escape(run_dir), "snapshots", "*_iter_%d.caffemodel" % newest))
     if models and not runs.finite_weights(models[0]):
         return newest
     return None
@@ -417,7 +432,7 @@ def _final_numbers(run_dir, train, test, status, losses, kept):
                 final["best_" + key] = max(values)
     if train:
         final["wall_seconds"] = train[-1]["Seconds"]
-    newest = glob.glob(os.path.join(run_dir, "snapshots", "*_iter_%d.caffemodel"
+    newest = glob.glob(os.path.join(glob.escape(run_dir), "snapshots", "*_iter_%d.caffemodel"
                                     % runs.newest_snapshot_iteration(run_dir)))
     if newest:
         final["parameters"] = runs.parameter_count(newest[0])  # of the net this run trained

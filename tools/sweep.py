@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tinycaffe import data, runs, sweep  # noqa: E402
+from tinycaffe import data, runs, sweep, sweep_recovery  # noqa: E402
 from tinycaffe.caffe_env import CaffeNotFound  # noqa: E402
 
 
@@ -23,13 +23,20 @@ def build_parser():
     p.add_argument("--gpu", default="cpu",
                    help="cpu (one worker), an id, or a list 0,1,... (one worker process per GPU) (default cpu)")
     p.add_argument("--storage", default=None,
-                   help="an Optuna RDB URL (postgresql://... for several machines) (default: a file journal in "
-                        "sweeps/<name>/)")
+                   help="an Optuna RDB URL (postgresql://... for several machines); one with a password is better "
+                        "given by --storage-file or $%s, since every user's `ps` shows a command line (default: a "
+                        "file journal in sweeps/<name>/)" % sweep.STORAGE_ENV)
+    p.add_argument("--storage-file", default=None,
+                   help="a file (mode 0600) holding the RDB URL (default: none)")
     p.add_argument("--pruner", default=sweep.DEFAULT_PRUNER, choices=sweep.PRUNERS,
                    help="Optuna pruner; options from SPACE's `pruner:` block (default %s)" % sweep.DEFAULT_PRUNER)
     p.add_argument("--sampler", default=sweep.DEFAULT_SAMPLER, choices=sweep.SAMPLERS,
                    help="Optuna sampler (default %s)" % sweep.DEFAULT_SAMPLER)
     p.add_argument("--root", default=None, help="where sweeps/<name>/ folders go (default sweeps/ in the repo)")
+    p.add_argument("--heartbeat", type=int, default=sweep_recovery.HEARTBEAT_SECONDS,
+                   help="seconds between a running trial's heartbeats; a trial silent for %d of them lost its worker "
+                        "and its point runs again (default %d)" % (sweep_recovery.GRACE_BEATS,
+                                                                   sweep_recovery.HEARTBEAT_SECONDS))
     p.add_argument("--report", metavar="NAME", default=None, help="write the report of study NAME instead of running")
     return p
 
@@ -37,6 +44,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        args.storage = sweep.storage_url(args.storage, args.storage_file)
         if args.report:
             sweep.report(args.report, args.root, args.storage)
             return 0
@@ -45,8 +53,10 @@ def main(argv=None):
         gpu = runs.parse_gpu(args.gpu) or "cpu"
         if gpu == "all":
             raise sweep.SweepError("--gpu all: list the GPUs (e.g. 0,1,2,3), one worker each")
+        if args.heartbeat < 1:
+            raise sweep.SweepError("--heartbeat must be >= 1 second, got %d" % args.heartbeat)
         done, status = sweep.run(args.space, args.name, args.trials, gpu, args.storage, args.pruner, args.sampler,
-                                 args.root)
+                                 args.root, args.heartbeat)
     except (sweep.SweepError, runs.RunError, data.DataError, CaffeNotFound, ValueError) as exc:
         print("sweep.py: error: %s" % str(exc).strip("'\""), file=sys.stderr)
         return 1
@@ -56,8 +66,10 @@ def main(argv=None):
         return 130
     name = args.name or os.path.splitext(os.path.basename(args.space))[0]
     if status == 0:
-        print("[sweep] done%s; the ranked table: tools/sweep.py --report %s"
-              % (" (this worker told %d trial(s))" % done if done else "", name), file=sys.stderr)
+        print("[sweep] done%s; the ranked table: %s"
+              % (" (this worker told %d trial(s))" % done if done else "",
+                 sweep.again_command("tools/sweep.py --report", name, args.root, args.storage_file, args.storage)),
+              file=sys.stderr)
     return status
 
 
