@@ -160,16 +160,27 @@ def test_from_to_rewrites_every_path_for_the_new_folder(repo, tmp_path):
     pb2 = caffe_pb2()
     solver = read(tmp_path / "mine" / "solver.prototxt", pb2.SolverParameter())
     net = read(tmp_path / "mine" / "train_val.prototxt", pb2.NetParameter())
-    # Outside prototxt/, paths are relative to the user's directory (here the repo): the same files.
-    assert solver.net == os.path.relpath(str(tmp_path / "mine" / "train_val.prototxt"), repo)
+    # Outside prototxt/, paths are absolute: the copy trains from any directory.
+    assert solver.net == str(tmp_path / "mine" / "train_val.prototxt")
     assert solver.snapshot_prefix == "runs/mine/mine"
-    assert [layer.data_param.source for layer in net.layer[:2]] == ["data/lmdb/train_lmdb", "data/lmdb/val_lmdb"]
+    assert [layer.data_param.source for layer in net.layer[:2]] == [os.path.join(repo, "data/lmdb/train_lmdb"),
+                                                                    os.path.join(repo, "data/lmdb/val_lmdb")]
     original = read(os.path.join(repo, "prototxt", "tiny", "train_val.prototxt"), pb2.NetParameter())
     assert [layer.name for layer in net.layer] == [layer.name for layer in original.layer]
     moved = run_tool(repo, "--from", os.path.join(repo, "prototxt", "tiny"), "--to", "elsewhere", cwd=str(tmp_path))
     assert moved.returncode == 0, moved.stderr
     net = read(tmp_path / "elsewhere" / "train_val.prototxt", pb2.NetParameter())
-    assert net.layer[0].data_param.source == os.path.relpath(os.path.join(repo, "data/lmdb/train_lmdb"), str(tmp_path))
+    assert net.layer[0].data_param.source == os.path.join(repo, "data/lmdb/train_lmdb")
+    inside = run_tool(repo, "--from", "prototxt/tiny", "--to", "prototxt/mine_test_copy", cwd=repo)
+    try:  # into prototxt/: repo-relative, like the generated files
+        assert inside.returncode == 0, inside.stderr
+        solver = read(os.path.join(repo, "prototxt", "mine_test_copy", "solver.prototxt"), pb2.SolverParameter())
+        net = read(os.path.join(repo, "prototxt", "mine_test_copy", "train_val.prototxt"), pb2.NetParameter())
+        assert solver.net == "prototxt/mine_test_copy/train_val.prototxt"
+        assert net.layer[0].data_param.source == "data/lmdb/train_lmdb"
+    finally:
+        import shutil
+        shutil.rmtree(os.path.join(repo, "prototxt", "mine_test_copy"), ignore_errors=True)
     for args, needle in ((["--from", "prototxt/tiny"], "--from and --to go together"),
                          (["--from", "prototxt/nothing", "--to", str(tmp_path / "x")], "no solver.prototxt there")):
         bad = run_tool(repo, *args)

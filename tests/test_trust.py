@@ -105,7 +105,8 @@ def test_the_fix_names_the_net_path_as_the_solver_writes_it(repo):
     """prototxt/tiny copied with cp: the solver's paths are relative to the repo root, so is the fix."""
     from tinycaffe import prechecks
     problems = prechecks._copied_variant(os.path.join(repo, "prototxt", "tiny", "solver.prototxt"),
-                                         os.path.join(repo, "prototxt", "alexnet", "train_val.prototxt"), repo)
+                                         os.path.join(repo, "prototxt", "alexnet", "train_val.prototxt"), repo,
+                                         written="prototxt/alexnet/train_val.prototxt")
     assert len(problems) == 1 and 'set net: "prototxt/tiny/train_val.prototxt"' in problems[0]
 
 
@@ -122,8 +123,9 @@ def test_the_test_split_as_validation_source_is_refused(repo, lmdb_dir, tmp_path
     assert out.returncode == 1 and not os.path.exists(tmp_path / "runs"), out.stderr[-2000:]
     last = stderr_lines(out)[-1]
     assert test_lmdb in last and "unlabelled test split" in last
-    check = run(repo, [sys.executable, "tools/gen_prototxt.py", "--check", net_path])
-    assert check.returncode == 1 and "unlabelled test split" in check.stderr
+    for checked in (net_path, solver):  # --check on the solver checks the net it names: the run's list
+        check = run(repo, [sys.executable, "tools/gen_prototxt.py", "--check", checked])
+        assert check.returncode == 1 and "unlabelled test split" in check.stderr, check.stdout
 
 
 # ---------------------------------------------------------------- 3. augmentation checked before every run
@@ -143,8 +145,9 @@ def test_augmentation_is_checked_before_every_run(repo, lmdb_dir, tmp_path, tool
     out = run(repo, tool + [solver, "--gpu", "cpu", "--runs-root", str(tmp_path / "runs")])
     assert out.returncode == 1 and not os.path.exists(tmp_path / "runs"), out.stderr[-2000:]
     assert message in stderr_lines(out)[-1] and "layer 'data'" in stderr_lines(out)[-1]
-    check = run(repo, [sys.executable, "tools/gen_prototxt.py", "--check", net_path])
-    assert check.returncode == 1 and message in check.stderr
+    for checked in (net_path, solver):
+        check = run(repo, [sys.executable, "tools/gen_prototxt.py", "--check", checked])
+        assert check.returncode == 1 and message in check.stderr, check.stdout
 
 
 def test_check_and_the_run_precheck_share_one_list(monkeypatch, lmdb_dir, tmp_path):
@@ -329,3 +332,98 @@ def test_a_disk_that_fills_during_training_ends_the_run_failed(repo, lmdb_dir, t
     record = json.load(open(disk / "run" / "run.json"))
     assert record["status"] == "failed" and record["final"]["iterations"] < 2000
     assert str(disk / "run") in stderr_lines(out)[-1], stderr_lines(out)[-3:]
+
+
+# ---------------------------------------------------------------- review round: what a skeptical user tried next
+def test_a_symlinked_variant_folder_is_no_copy(repo, lmdb_dir, tmp_path):
+    make_solver(lmdb_dir, tmp_path / "p", max_iter=10, test_interval=10)
+    os.symlink(tmp_path / "p" / "tiny", tmp_path / "p" / "link")
+    solver = caffe_pb2().SolverParameter()
+    text_format.Merge(open(tmp_path / "p" / "link" / "solver.prototxt").read(), solver)
+    from tinycaffe import prechecks
+    assert prechecks.solver_problems(solver, str(tmp_path / "p" / "link" / "solver.prototxt"), str(tmp_path)) == []
+
+
+def test_augmentation_of_any_transforming_layer_is_checked(repo, tmp_path):
+    net = tmp_path / "imagedata.prototxt"
+    net.write_text('layer { name: "data" type: "ImageData" top: "data" top: "label" image_data_param { source: "x.txt" '
+                   'batch_size: 2 } transform_param { lighting_param { alphastd: 0.1 eigval: [1, nan, 1] '
+                   'eigvec: [1, 0, 0, 0, 1, 0, 0, 0, 1] } } }\n')
+    check = run(repo, [sys.executable, "tools/gen_prototxt.py", "--check", str(net)])
+    assert check.returncode == 1 and "lighting_param has a negative or non-finite value" in check.stderr
+
+
+def test_the_crop_rule_rounds_as_caffe_does():
+    from tinycaffe import augment
+    tp = text_format.Parse("random_resized_crop_param { min_aspect: 128 max_aspect: 128 }",
+                           caffe_pb2().TransformationParameter())  # a 64x64 image: fallback 64/128 = 0.5 -> 1 row
+    assert augment.check_transform(tp, "n") == []
+    tp.random_resized_crop_param.min_aspect = tp.random_resized_crop_param.max_aspect = 129
+    [problem] = augment.check_transform(tp, "n")
+    assert "expected min_aspect <= 128 and max_aspect >= 0.0078125" in problem
+
+
+@pytest.mark.parametrize("tool", [TRAIN_SH, TRAIN_PY])
+def test_a_resume_from_an_older_snapshot_forgets_what_came_after_it(repo, lmdb_dir, tmp_path, tool):
+    """Diverged at 40 (the LR jumps 1e8-fold at 20, display 0), kept the snapshot at 20; the solver
+    fixed and shortened to 30 as the message advises: the resumed run finishes, tested at 30,
+    and the abandoned stretch's test at 40 (NaN, "100 %") is in no output."""
+    solver = make_solver(lmdb_dir, tmp_path / "p", max_iter=40, test_interval=20, display=0, snapshot=20,
+                         stepsize=20, gamma=1e8)
+    out = run(repo, tool + [solver, "--gpu", "cpu", "--runs-root", str(tmp_path / "runs")])
+    assert out.returncode == 3, out.stderr[-2000:]
+    run_dir = only_run_dir(tmp_path / "runs")
+    used = caffe_pb2().SolverParameter()
+    text_format.Merge(open(os.path.join(run_dir, "solver.prototxt")).read(), used)
+    used.gamma, used.max_iter = 0.1, 30
+    open(os.path.join(run_dir, "solver.prototxt"), "w").write(text_format.MessageToString(used))
+    out = run(repo, tool + [solver, "--gpu", "cpu", "--resume", "--run-dir", run_dir])
+    assert out.returncode == 0, out.stderr[-2000:]
+    record = json.load(open(os.path.join(run_dir, "run.json")))
+    assert record["status"] == "finished" and record["final"]["tested_at"] == 30
+    tested = [int(r["NumIters"]) for r in csv.DictReader(open(os.path.join(run_dir, "test.csv")))]
+    assert tested == [20, 30] and record["final"]["accuracy_top1"] < 1.0
+
+
+@pytest.mark.parametrize("tool", [TRAIN_SH, TRAIN_PY])
+def test_after_a_full_disk_the_run_resumes_from_a_whole_snapshot(repo, lmdb_dir, tmp_path, tool, mount_tmpfs):
+    solver = make_solver(lmdb_dir, tmp_path / "p", max_iter=2000, test_interval=2000, display=10, snapshot=10)
+    disk = mount_tmpfs("size=12m")
+    out = run(repo, tool + [solver, "--gpu", "cpu", "--run-dir", str(disk / "run")], timeout=300)
+    assert out.returncode == 1, out.stderr[-2000:]  # failed: 1, whatever Caffe's abort said (caffe_exit_code)
+    subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+    states = sorted(glob.glob(str(disk / "run" / "snapshots" / "*.solverstate")))
+    used = caffe_pb2().SolverParameter()
+    text_format.Merge(open(disk / "run" / "solver.prototxt").read(), used)
+    used.max_iter = max(int(p.rsplit("_iter_", 1)[1].split(".")[0]) for p in states) + 10
+    open(disk / "run" / "solver.prototxt", "w").write(text_format.MessageToString(used))
+    out = run(repo, tool + [solver, "--gpu", "cpu", "--resume", "--run-dir", str(disk / "run")], timeout=300)
+    assert out.returncode == 0 and "Check failed" not in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("tool", [TRAIN_SH, TRAIN_PY])
+def test_a_resume_into_a_read_only_run_dir_is_one_line(repo, lmdb_dir, tmp_path, tool, mount_tmpfs):
+    solver = make_solver(lmdb_dir, tmp_path / "p", max_iter=20, test_interval=20, snapshot=10)
+    disk = mount_tmpfs("size=16m")
+    out = run(repo, tool + [solver, "--gpu", "cpu", "--run-dir", str(disk / "run")])
+    assert out.returncode == 0, out.stderr[-2000:]
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    out = run(repo, tool + [solver, "--gpu", "cpu", "--resume", "--run-dir", str(disk / "run")])
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "cannot write the run directory (Read-only file system)" in stderr_lines(out)[-1]
+
+
+def test_weights_and_resume_together_are_refused(repo, lmdb_dir, tmp_path):
+    solver = make_solver(lmdb_dir, tmp_path / "p", max_iter=10, test_interval=10)
+    out = run(repo, TRAIN_SH + [solver, "--gpu", "cpu", "--resume", "--weights", solver])
+    assert out.returncode == 1 and "give one of them" in stderr_lines(out)[-1]
+
+
+def test_the_resume_command_runs_from_where_it_is_typed(repo, tmp_path, monkeypatch):
+    from tinycaffe import train
+    monkeypatch.chdir(os.path.join(repo, "scripts"))
+    command = train.resume_command(["train.sh", "../prototxt/tiny/solver.prototxt", "--run-dir=old", "--gpu", "cpu"],
+                                   "/r/d")
+    assert command == "./train.sh ../prototxt/tiny/solver.prototxt --gpu cpu --resume --run-dir /r/d"
+    monkeypatch.chdir(str(tmp_path))
+    assert train.resume_command(["train.sh", "x"], "/r/d").startswith(os.path.join(repo, "scripts", "train.sh"))

@@ -106,10 +106,15 @@ def resized_crop_fallback(height, width, r):
     SampleResizedCrop, torchvision's): the largest rectangle whose aspect is in range."""
     h, w = height, width
     if width / height < r.min_aspect:
-        h = int(round(w / r.min_aspect))
+        h = _lround(w / r.min_aspect)
     elif width / height > r.max_aspect:
-        w = int(round(h * r.max_aspect))
+        w = _lround(h * r.max_aspect)
     return h, w
+
+
+def _lround(x):
+    """C's lround for x >= 0: halves away from zero (Python's round() takes them to even: 0.5 -> 0)."""
+    return int(math.floor(x + 0.5))
 
 
 def check_transform(tp, where, channels=3, image_side=None):
@@ -165,7 +170,7 @@ def check_transform(tp, where, channels=3, image_side=None):
         side = image_side or 64
         if r.min_aspect > 0 and r.max_aspect >= r.min_aspect and min(resized_crop_fallback(side, side, r)) < 1:
             problems.append("%s: random_resized_crop_param aspect %g..%g leaves no crop of a %dx%d image (its "
-                            "fallback rectangle is %dx%d), expected an aspect range within %g..%g"
+                            "fallback rectangle is %dx%d), expected min_aspect <= %g and max_aspect >= %g"
                             % ((where, r.min_aspect, r.max_aspect, side, side) + resized_crop_fallback(side, side, r)
-                               + (1.0 / side, float(side))))
+                               + (2.0 * side, 0.5 / side)))
     return problems

@@ -13,6 +13,8 @@ ITERATION = re.compile(r"Iteration (\d+)")
 LR = re.compile(r"Iteration (\d+), lr = ([-+.\deE]+|nan|-nan|inf)")
 OUTPUT = re.compile(r"(Train|Test) net output #\d+: (\S+) = ([-+.\deE]+|-?nan|-?inf)")
 ANNEAL = re.compile(r"tinycaffe: plateau anneal")
+# The train tool's line for a child that resumes from a snapshot (train.py writes it before the child starts).
+RESUMED_FROM = re.compile(r"\] tinycaffe: /.*?(?:-snapshot|--state) \S*_iter_(\d+)\.solverstate")
 
 
 def seconds_of_day(match):
@@ -33,7 +35,9 @@ def parse_float(text):
 
 
 def parse(path):
-    """-> (train_rows, test_rows): lists of dicts with NumIters, Seconds, LearningRate, <outputs>."""
+    """-> (train_rows, test_rows): lists of dicts with NumIters, Seconds, LearningRate, <outputs>.
+    After a resume from snapshot N (the train tool's command line), rows at N or later from
+    before it are dropped: each iteration's numbers are those of the run as it went on."""
     train, test, lrs = {}, {}, {}
     start = prev = None
     day = 0.0
@@ -51,6 +55,10 @@ def parse(path):
                     seconds += 86400
                 prev = seconds
                 start = seconds if start is None else start
+            m = RESUMED_FROM.search(line)
+            if m and "--test-only" not in line:
+                _forget_from(int(m.group(1)), train, test, lrs)
+                continue
             m = LR.search(line)
             if m:
                 lrs[int(m.group(1))] = last_lr = parse_float(m.group(2))
@@ -73,6 +81,15 @@ def parse(path):
         if it in lrs:
             row["LearningRate"] = lrs[it]
     return [train[k] for k in sorted(train)], [test[k] for k in sorted(test)]
+
+
+def _forget_from(iteration, *tables):
+    """A resume from the snapshot at `iteration`: what the log said from there on belongs to a
+    stretch of the run that no longer happened (a resume from an older snapshot, after a
+    divergence or a change of max_iter); the resumed child says it again (TensorBoard's purge_step)."""
+    for table in tables:
+        for key in [k for k in table if k >= iteration]:
+            del table[key]
 
 
 def write_csv(rows, path):

@@ -217,7 +217,9 @@ def compare_pair(train_val_path, tv_info, deploy_path, dp_info):
 
 
 def check_solver(path, message):
-    problems = prechecks.solver_problems(message, path, fit.base_for(path))
+    """The solver's summary line, and the problems a run's pre-check finds in it and in the net it
+    names (its data, fit and augmentation: the same list, prechecks.all_problems)."""
+    problems, _, _ = prechecks.all_problems(message, path, fit.base_for(path), need_data=False)
     steps = ("stepvalue %s" % ",".join(map(str, message.stepvalue)) if message.lr_policy == "multistep"
              else "stepsize %d" % message.stepsize)
     summary = ("%s: solver %s, base_lr %g, lr_policy %s (%s, gamma %g), max_iter %d, %s mode"
@@ -256,6 +258,7 @@ def check_files(paths, out=print, lmdb_dir=None):
                 nets[path] = (is_train_val(message), info)
         for note in notes:
             out("  note: " + note)
+    problems = list(dict.fromkeys(problems))  # a net checked on its own and through its solver: said once
     by_dir = {}
     for path, (tv, info) in nets.items():
         by_dir.setdefault(os.path.dirname(os.path.abspath(path)), {})["train_val" if tv else "deploy"] = (path, info)

@@ -30,8 +30,12 @@ def base_for(prototxt_path):
     """Where the relative paths inside a prototxt file point from: the repo root for the files
     gen_prototxt.py writes under prototxt/ (their header says so), else the user's directory
     (where Caffe would run)."""
-    inside = os.path.abspath(prototxt_path).startswith(os.path.join(repo_path(GENERATED_DIR), ""))
-    return REPO_ROOT if inside else os.getcwd()
+    return REPO_ROOT if in_generated_dir(prototxt_path) else os.getcwd()
+
+
+def in_generated_dir(path):
+    """Whether path lies under the repo's prototxt/ (whose files' paths are relative to the repo root)."""
+    return os.path.abspath(path).startswith(os.path.join(repo_path(GENERATED_DIR), ""))
 
 
 def absolute(path, base):

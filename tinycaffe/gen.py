@@ -117,8 +117,10 @@ VARIANT_FILES = ("train_val", "deploy", "solver")
 def copy_variant(src, dst):
     """A new variant folder dst from src's three files, its paths rewritten: the solver trains the
     dst train_val.prototxt and snapshots under runs/<dst name>/, and every relative path (net,
-    LMDBs, mean) points where it did, seen from dst's base (fit.base_for). Written into a
-    temporary folder renamed into place. -> the paths written."""
+    LMDBs, mean) points where it did: relative to the repo root inside prototxt/ (as the
+    generated files are), absolute elsewhere (a file outside prototxt/ would otherwise work
+    from one directory only). Written into a temporary folder renamed into place.
+    -> the paths written."""
     from .caffe_env import caffe_pb2
     from .files import read_prototxt
     src, dst = os.path.normpath(src), os.path.normpath(dst)
@@ -126,11 +128,15 @@ def copy_variant(src, dst):
         raise ValueError("--from %s: no solver.prototxt there (expected a variant folder such as prototxt/tiny)" % src)
     if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
         raise ValueError("--to %s exists and is not an empty folder (choose a new name)" % dst)
-    src_base, dst_base = fit.base_for(os.path.join(src, "x")), fit.base_for(os.path.join(dst, "x"))
+    src_base = fit.base_for(os.path.join(src, "x"))
+    inside = fit.in_generated_dir(os.path.join(dst, "x"))
     name = os.path.basename(dst)
 
-    def moved(path):  # a relative path of src's files, as dst's base sees the same file
-        return path if not path or os.path.isabs(path) else os.path.relpath(fit.absolute(path, src_base), dst_base)
+    def moved(path):  # a relative path of src's files, for dst: repo-relative inside prototxt/, else absolute
+        if not path or os.path.isabs(path):
+            return path
+        where = fit.absolute(path, src_base)
+        return os.path.relpath(where, REPO_ROOT) if inside else where
 
     pb2 = caffe_pb2()
     messages = {}
@@ -147,8 +153,8 @@ def copy_variant(src, dst):
     solver = messages["solver"]
     net = solver.net or solver.train_net
     solver.ClearField("train_net")
-    new_net = os.path.join(dst, "train_val.prototxt")
-    solver.net = (new_net if os.path.isabs(net) else os.path.relpath(os.path.abspath(new_net), dst_base))
+    new_net = os.path.abspath(os.path.join(dst, "train_val.prototxt"))
+    solver.net = os.path.relpath(new_net, REPO_ROOT) if inside and not os.path.isabs(net) else new_net
     solver.snapshot_prefix = "runs/%s/%s" % (name, name)
     tmp = dst.rstrip(os.sep) + ".tmp-%d" % os.getpid()
     os.makedirs(tmp)

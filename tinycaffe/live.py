@@ -22,6 +22,7 @@ suffix: two writers started in the same second would share tensorboardX's defaul
 The curves never stop training: a writer that fails (a full or read-only disk) is switched
 off with one warning, and nothing is queued to a writer thread that is no longer there.
 """
+import logging
 import os
 import re
 import threading
@@ -136,6 +137,9 @@ def _line_time(line):
     t = caffelog.TIME.match(line)
     return caffelog.seconds_of_day(t) if t else time.time() % 86400
 
+
+# A NaN scalar is what a diverged run's curves must show; tensorboardX warns of each on the terminal.
+logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
 
 _thread_errors = {}  # thread ident -> the OSError that ended a writer thread
 

@@ -15,6 +15,7 @@ from . import augment, data, fit
 from .caffe_env import caffe_pb2
 
 DATA_LAYER_TYPES = ("Data",)  # the layers whose source is an LMDB tinycaffe can read
+TRANSFORMING_LAYER_TYPES = ("Data", "ImageData", "WindowData", "MemoryData")  # layers with a transform_param
 TRAIN_VAL = "train_val.prototxt"  # the net file a variant folder holds beside its solver
 
 
@@ -33,7 +34,8 @@ def solver_problems(solver, solver_path, base):
     elif not os.path.isfile(net):
         problems.append("%s: net %s does not exist (paths in it are relative to %s)" % (solver_path, net, base))
     else:
-        problems.extend(_copied_variant(solver_path, net, base))
+        problems.extend(_copied_variant(solver_path, net, base, "net" if solver.net else "train_net",
+                                        solver.net or solver.train_net))
     if solver.type == "AdaGrad" and solver.momentum:
         problems.append("%s: AdaGrad takes no momentum (Caffe aborts); remove `momentum`" % solver_path)
     if solver.lr_policy == "step" and solver.stepsize <= 0:
@@ -46,17 +48,18 @@ def solver_problems(solver, solver_path, base):
     return problems
 
 
-def _copied_variant(solver_path, net, base):
+def _copied_variant(solver_path, net, base, field="net", written=""):
     """A solver whose net lies in another folder while a train_val.prototxt sits beside it: what
-    `cp -r prototxt/tiny prototxt/mine` leaves (the copy's solver still trains tiny's net)."""
-    folder = os.path.dirname(os.path.abspath(solver_path))
-    beside = os.path.join(folder, TRAIN_VAL)
-    if not os.path.isfile(beside) or os.path.dirname(net) == folder:
+    `cp -r prototxt/tiny prototxt/mine` leaves (the copy's solver still trains tiny's net). A
+    folder that is a link to the net's own is no copy."""
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(solver_path)))
+    beside = os.path.join(os.path.dirname(os.path.abspath(solver_path)), TRAIN_VAL)
+    if not os.path.isfile(beside) or os.path.dirname(os.path.realpath(net)) == folder:
         return []
-    return ["%s trains %s, not the %s beside it (a copied variant?): set net: \"%s\" in %s, or start a variant "
-            "with tools/gen_prototxt.py --from %s --to %s"
-            % (solver_path, net, beside, os.path.relpath(beside, base), solver_path,
-               os.path.dirname(net), folder)]
+    where = beside if os.path.isabs(written or net) else os.path.relpath(beside, base)  # as the solver writes paths
+    return ["%s trains %s, not the %s beside it (a copied variant?): set %s: \"%s\" in %s (tools/gen_prototxt.py "
+            "--from DIR --to NEW copies a variant with its paths rewritten)"
+            % (solver_path, net, beside, field, where, solver_path)]
 
 
 # ---------------------------------------------------------------- the net and its data
@@ -132,7 +135,7 @@ def augmentation_problems(net, net_path, base):
     """The Data layers' augmentation fields (Caffe patch 0010), against their images' size."""
     problems = []
     for layer in net.layer:
-        if layer.type in DATA_LAYER_TYPES and layer.HasField("transform_param"):
+        if layer.type in TRANSFORMING_LAYER_TYPES and layer.HasField("transform_param"):
             source = fit.absolute(layer.data_param.source, base)
             shape = _image_shape(source)
             problems.extend(augment.check_transform(layer.transform_param, "%s (layer '%s')" % (net_path, layer.name),

@@ -318,6 +318,54 @@ def drop_diverged_snapshots(run_dir, keep_up_to):
     return sorted(removed), None
 
 
+def drop_partial_snapshots(run_dir):
+    """Delete, newest first, snapshot pairs that were not written whole (Caffe writes them in place,
+    so a full disk or a kill mid-write leaves a truncated file that --resume would load and abort
+    on): a file that does not parse, a caffemodel whose size differs from the older snapshot's (the
+    same net serialises to the same size), a solverstate whose history blobs differ from the older
+    one's. Stops at the first whole pair. -> the removed paths."""
+    pairs = {}
+    for path in glob.glob(os.path.join(glob.escape(run_dir), "snapshots", "*_iter_*")):
+        if snapshot_iteration(path) >= 0:
+            pairs.setdefault(snapshot_iteration(path), []).append(path)
+    removed, order = [], sorted(pairs, reverse=True)
+    for n, older in zip(order, order[1:] + [None]):
+        if _whole(pairs[n], pairs.get(older, [])):
+            break
+        for path in pairs[n]:
+            os.unlink(path)
+            removed.append(path)
+    return sorted(removed)
+
+
+def _whole(paths, reference):
+    """Whether a snapshot's files (caffemodel, solverstate) are complete, judged against an older
+    snapshot's (reference) where there is one."""
+    def by_kind(files, kind):
+        return next((p for p in files if p.endswith(kind)), None)
+    model, state = by_kind(paths, ".caffemodel"), by_kind(paths, ".solverstate")
+    ref_model, ref_state = by_kind(reference, ".caffemodel"), by_kind(reference, ".solverstate")
+    try:
+        if model and ref_model and os.path.getsize(model) != os.path.getsize(ref_model):
+            return False
+        if model:
+            _read_caffemodel(model)
+        if state:
+            history = _history_sizes(state)
+            if not history or (ref_state and history != _history_sizes(ref_state)):
+                return False
+    except Exception:  # protobuf's DecodeError on a truncated file, an OSError
+        return False
+    return True
+
+
+def _history_sizes(solverstate):
+    state = caffe_pb2().SolverState()
+    with open(solverstate, "rb") as f:
+        state.ParseFromString(f.read())
+    return [len(b.data) for b in state.history]
+
+
 def _read_caffemodel(caffemodel):
     net = caffe_pb2().NetParameter()
     with open(caffemodel, "rb") as f:

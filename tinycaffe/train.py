@@ -46,6 +46,9 @@ def launch(args, argv, observer=None, stops=None):
         if not caffe_env.import_caffe().has_nccl():
             raise runs.RunError("--gpu %s: this Caffe build has no NCCL (built with USE_NCCL=OFF), so it can "
                                 "train on one GPU only; pass a single id" % gpu)
+    if args.weights and args.resume:
+        raise runs.RunError("--weights starts a new run from a .caffemodel; --resume continues a run from its own "
+                            ".solverstate: give one of them")
     if args.weights and not os.path.isfile(args.weights):
         raise runs.RunError("--weights %s: no such file" % args.weights)
     if args.weights:
@@ -62,11 +65,15 @@ def launch(args, argv, observer=None, stops=None):
                                 "tools/train.py --resume" % run_dir)
         state = runs.newest_solverstate(run_dir)
         used = runs.read_message(os.path.join(run_dir, "solver.prototxt"), caffe_pb2().SolverParameter())
-        runs.set_device(run_dir, used, gpu)  # a run may continue on another device
-        record["data_segments"] = runs.add_data_segment(record, runs.snapshot_iteration(state),
-                                                        runs.solver_count(gpu))
-        # prechecks the run's net (LMDBs, mean, fit) as a new run's is checked
-        solver_file = runs.continue_data_stream(run_dir, used, state, record["data_segments"])
+        try:
+            runs.set_device(run_dir, used, gpu)  # a run may continue on another device
+            record["data_segments"] = runs.add_data_segment(record, runs.snapshot_iteration(state),
+                                                            runs.solver_count(gpu))
+            # prechecks the run's net (LMDBs, mean, fit) as a new run's is checked
+            solver_file = runs.continue_data_stream(run_dir, used, state, record["data_segments"])
+        except OSError as exc:
+            raise runs.RunError("%s: cannot write the run directory (%s)"
+                                % (exc.filename or run_dir, exc.strerror or exc)) from exc
         record["resumes"].append({"at": runs.now(), "from": state, "command": argv})
         record["status"] = "running"
     else:
@@ -355,6 +362,8 @@ def _finish(run_dir, record, status, returncode, losses, curves=None, argv=None)
         if late is not None:
             status, losses.first_bad, losses.last_good = "diverged", late, None
     kept = None
+    if status == "failed":  # a snapshot being written when Caffe died (a full disk) would break --resume
+        _drop_partial_snapshots(run_dir, log_path)
     if status == "diverged":
         kept = _drop_bad_snapshots(run_dir, losses, log_path)
         if curves is not None and losses.first_bad is not None:
@@ -370,7 +379,7 @@ def _finish(run_dir, record, status, returncode, losses, curves=None, argv=None)
     except OSError as exc:  # a full disk: run.json below matters more than the CSVs and the plot
         final.setdefault("error", "%s: %s" % (exc.filename or run_dir, exc.strerror or exc))
         status = "failed"
-    exit_code = {"finished": 0, "interrupted": 130, "diverged": 3}.get(status, returncode or 1)
+    exit_code = {"finished": 0, "interrupted": 130, "diverged": 3}.get(status, 1)  # Caffe's own: caffe_exit_code
     record.update(status=status, ended=runs.now(), final=final, exit_code=exit_code, caffe_exit_code=returncode)
     if curves is not None:
         curves.close()  # before the last words: a writer that failed says so now, not after them
@@ -409,6 +418,18 @@ def _drop_bad_snapshots(run_dir, losses, log_path):
         except OSError:
             pass  # a full disk: the removal itself is what matters
     return kept
+
+
+def _drop_partial_snapshots(run_dir, log_path):
+    """Delete the newest snapshot pairs that were not written whole; say so in the log."""
+    removed = runs.drop_partial_snapshots(run_dir)
+    if removed:
+        try:
+            with open(log_path, "a") as log:
+                log.write(caffelog.glog_line("tinycaffe: removed %d snapshot file(s) written incompletely: %s"
+                                             % (len(removed), ", ".join(os.path.basename(p) for p in removed)), "W"))
+        except OSError:
+            pass
 
 
 def _final_numbers(run_dir, train, test, status, losses, kept):
@@ -508,9 +529,12 @@ def resume_command(argv, run_dir):
 
 
 def _from_cwd(path):
-    """path as the user would type it here: relative when it lies below the current directory."""
+    """path as the user would type it here: relative when it lies below the current directory
+    (with ./ where it has no folder, or the shell would look it up in $PATH)."""
     rel = os.path.relpath(path)
-    return rel if not rel.startswith("..") else path
+    if rel.startswith(".."):
+        return path
+    return rel if os.sep in rel else "./" + rel
 
 
 # ---------------------------------------------------------------- the pycaffe worker (child process)
@@ -637,6 +661,8 @@ class Worker:
         batch = s.net.blobs["data"].data.shape[0]
         t0, it0 = time.time(), s.iter
         _log("tinycaffe: pycaffe loop from iteration %d to %d, anneal %s" % (s.iter, p.max_iter, self.anneal))
+        if state and p.test_interval and s.iter and s.iter % p.test_interval == 0 and s.iter < p.max_iter:
+            self.test()  # as Caffe's Step does on resuming at a test iteration: the log's numbers from here on are this run's
         while self.solver.iter < p.max_iter and not self.stop_signal:
             s = self.solver
             nxt = min(p.max_iter, (s.iter // chunk + 1) * chunk)

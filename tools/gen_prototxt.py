@@ -97,7 +97,7 @@ def main(argv=None):
             written = gen.copy_variant(args.from_dir, args.to_dir)
             for path in written:
                 print("wrote " + path)
-            print("train it: scripts/train.sh %s" % os.path.join(args.to_dir, "solver.prototxt"))
+            print("train it: scripts/train.sh %s" % os.path.join(args.to_dir, "solver.prototxt"))  # the user's path
             return 0
         names = list(nets.VARIANTS) if args.variants == "all" else [v for v in args.variants.split(",") if v]
         unknown = [n for n in names if n not in nets.VARIANTS]
