@@ -186,6 +186,26 @@ def test_a_killed_worker_loses_nothing_each_grid_point_runs_once(repo, lmdb_dir,
     assert done.returncode == 0 and len(trials_of(root)) == len(trials), done.stderr[-2000:]
 
 
+def test_a_trial_silent_past_its_heartbeats_is_lost_on_any_machine(tmp_path):
+    """The file journal speaks Optuna's heartbeat protocol: a RUNNING trial of another machine (no
+    pid to look at) whose last heartbeat is older than 3 beats is failed by Optuna's
+    fail_stale_trials and its point queued again; a beating one is left alone."""
+    from tinycaffe import sweep_recovery
+    study = sweep.open_study("hb", sweep.make_storage(None, str(tmp_path / "hb"), heartbeat=1))
+    silent, beating = sweep._ask(study, str(tmp_path / "hb")), sweep._ask(study, str(tmp_path / "hb"))
+    for trial in (silent, beating):
+        trial.suggest_categorical("base_lr", [0.02, 0.01])
+        trial.set_user_attr("worker", {"host": "another-node", "pid": 1, "gpu": "cpu"})
+    study._storage.set_trial_system_attr(silent._trial_id, "heartbeat", time.time() - 10)
+    with sweep_recovery.heartbeat(study, beating):
+        time.sleep(0.2)  # the heartbeat thread has beaten once
+        assert sweep_recovery.collect_lost(study) == [silent.number]
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "RUNNING", "WAITING"]
+    assert trials[2].params == trials[0].params and trials[2].system_attrs["retry_history"] == [0]
+    assert "heartbeat" not in trials[2].system_attrs and "worker" not in trials[2].user_attrs
+
+
 def test_sigterm_stops_the_worker_with_a_snapshot_and_status_130(repo, lmdb_dir, tmp_path):
     """Slurm's time limit or scancel: the trial snapshots, is not a result, the worker exits 130."""
     # A long trial: the signal must find it training, and nothing trains after it.
@@ -383,11 +403,12 @@ def test_two_workers_on_a_postgresql_study(repo, lmdb_dir, tmp_path, postgres):
     assert "sekret" not in err + second.stderr
     assert "--report space --root %s --storage-file %s" % (root, url_file) in err
     assert "%s=<your URL> tools/sweep.py --report space --root %s" % (sweep.STORAGE_ENV, root) in second.stderr
-    bad = subprocess.run([sys.executable, TOOL, "--report", "space", "--root", str(root), "--storage",
-                          "postgresql+psycopg2://u:sekret@nohost.invalid:notaport/db"], cwd=repo, capture_output=True,
-                         text=True)
-    assert bad.returncode == 1 and "sekret" not in bad.stderr and "u:***@" in bad.stderr, bad.stderr
-    assert len(bad.stderr.strip().splitlines()) == 1
+    for url in ("postgresql+psycopg2://u:sekret@nohost.invalid:notaport/db",  # does not parse
+                "postgresql+psycopg2://u:sekret@127.0.0.1:1/db"):  # a dead database
+        bad = subprocess.run([sys.executable, TOOL, "--report", "space", "--root", str(root), "--storage", url],
+                             cwd=repo, capture_output=True, text=True)
+        assert bad.returncode == 1 and "sekret" not in bad.stderr and "u:***@" in bad.stderr, bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert not (root / "space" / sweep.JOURNAL).exists()  # the study is in PostgreSQL, not in a file
     study = sweep.open_study("space", sweep.make_storage(postgres, str(root / "space")))
     finished = [t for t in study.get_trials() if t.state.name in ("COMPLETE", "PRUNED")]

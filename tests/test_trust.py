@@ -427,3 +427,16 @@ def test_the_resume_command_runs_from_where_it_is_typed(repo, tmp_path, monkeypa
     assert command == "./train.sh ../prototxt/tiny/solver.prototxt --gpu cpu --resume --run-dir /r/d"
     monkeypatch.chdir(str(tmp_path))
     assert train.resume_command(["train.sh", "x"], "/r/d").startswith(os.path.join(repo, "scripts", "train.sh"))
+
+
+def test_only_a_run_that_ends_non_finite_is_diverged(tmp_path):
+    """A NaN test the run came back from (a BatchNorm net tested before its first step) is no
+    divergence; trailing NaN tests are, from the first of them."""
+    from tinycaffe import train
+    nan, ok = float("nan"), 0.5
+    rows = lambda *values: [{"NumIters": 20 * i, "loss": v, "accuracy_top1": 1.0 if v != v else v}  # noqa: E731
+                            for i, v in enumerate(values)]
+    (tmp_path / "snapshots").mkdir()
+    assert train._late_divergence(str(tmp_path), rows(nan, ok, ok)) is None
+    assert train._late_divergence(str(tmp_path), rows(ok, nan, nan)) == 20
+    assert train._late_divergence(str(tmp_path), rows(nan, ok, nan)) == 40

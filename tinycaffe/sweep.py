@@ -351,9 +351,12 @@ def _ask(study, sweep_dir):
     may still collide; their duplicates are extra trials, never lost ones."""
     import fcntl
     os.makedirs(sweep_dir, exist_ok=True)
+    import warnings
     with open(os.path.join(sweep_dir, "ask.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
-        return study.ask()
+        with warnings.catch_warnings():  # "heartbeat ... used with Study.optimize": we run its thread ourselves
+            warnings.filterwarnings("ignore", message="Heartbeat of storage", category=UserWarning)
+            return study.ask()
 
 
 def _tell(study, trial, value=None, state=None):

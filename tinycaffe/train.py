@@ -389,13 +389,21 @@ def _finish(run_dir, record, status, returncode, losses, curves=None, argv=None)
 
 
 def _late_divergence(run_dir, test):
-    """The iteration where a run that logged no bad loss went non-finite, or None: a val test
-    with a NaN/inf output (Caffe's Accuracy counts a NaN score as right: 100 %), or final
-    weights that are not finite (they went bad after the last logged loss line)."""
-    for row in test:
-        if any(isinstance(v, float) and not math.isfinite(v) for k, v in row.items()
-               if k not in ("NumIters", "Seconds", "LearningRate")):
-            return row["NumIters"]
+    """The iteration where a run that logged no bad loss went non-finite, or None: its final val
+    test with a NaN/inf output (Caffe's Accuracy counts a NaN score as right: 100 %), or final
+    weights that are not finite (they went bad after the last logged loss line). An earlier
+    NaN test the run recovered from (a BatchNorm net's test before its first step, with
+    statistics still zero) is no divergence."""
+    def bad(row):
+        return any(isinstance(v, float) and not math.isfinite(v) for k, v in row.items()
+                   if k not in ("NumIters", "Seconds", "LearningRate"))
+    trailing = []  # the tests from the last finite one on: the run never came back from the first of them
+    for row in reversed(test):
+        if not bad(row):
+            break
+        trailing.append(row["NumIters"])
+    if trailing:
+        return trailing[-1]
     newest = runs.newest_snapshot_iteration(run_dir)
     models = glob.glob(os.path.join(glob.escape(run_dir), "snapshots", "*_iter_%d.caffemodel" % newest))
     if models and not runs.finite_weights(models[0]):
