@@ -349,6 +349,34 @@ EOF
   (cd "$work" && dpkg-source -q --no-check -x "caffe_${CAFFE_DEB_VERSION}.dsc" src >/dev/null)
 }
 
+# ---------------------------------------------------------------- Caffe's own example nets
+# BVLC Caffe's examples/ and models/ prototxt files (LeNet, CIFAR-10 quick, GoogLeNet, ...), as
+# the source package ships them: real third-party nets for the tests of --check and evaluate
+# (tests/test_foreign_nets.py), kept beside the builds, never in this repository.
+REFERENCE_DIR="$TINYCAFFE_HOME/caffe-reference"
+
+copy_reference_files() {  # $1 = a Caffe source tree
+  local tmp="$REFERENCE_DIR.tmp.$$"
+  rm -rf "$tmp" && mkdir -p "$tmp"
+  local d
+  for d in examples models; do  # a CAFFE_SRC tree may lack them
+    if [ -d "$1/$d" ]; then (cd "$1" && find "$d" -name '*.prototxt' -print0 | xargs -0 -r cp --parents -t "$tmp"); fi
+  done
+  printf 'BVLC Caffe examples/ and models/ *.prototxt from the Debian source package caffe %s (%s), unmodified.\n' \
+    "$CAFFE_DEB_VERSION" "${CAFFE_SRC:-$DEBIAN_MIRROR}" > "$tmp/SOURCE"
+  rm -rf "$REFERENCE_DIR" && mv "$tmp" "$REFERENCE_DIR"
+  log "Caffe's example nets -> $REFERENCE_DIR"
+}
+
+ensure_reference_files() {  # a cached build made before they were kept: fetch the source once more
+  [ -f "$REFERENCE_DIR/SOURCE" ] && return 0
+  local work
+  work="$(mktemp -d "$TINYCAFFE_HOME/reference.XXXXXX")"
+  fetch_source "$work"
+  copy_reference_files "$work/src"
+  rm -rf "$work"
+}
+
 apply_patches() {  # $1 = source tree
   local p
   for p in "$REPO"/scripts/patches/*.patch; do
@@ -388,6 +416,7 @@ build_caffe() {
   trap 'rm -rf "$BUILD_WORK"' EXIT
   local t0=$SECONDS
   fetch_source "$work"
+  copy_reference_files "$work/src"
   apply_patches "$work/src"
   mkdir -p "$work/build"
   log "configuring (python $PYTHON_BIN, $JOBS jobs)"
@@ -534,6 +563,7 @@ main() {
     log "existing Caffe flavour: $FLAVOUR"
   fi
   self_check "$caffe_bin" "$pydir"
+  ensure_reference_files
   [ "$FLAVOUR" = cuda ] && [ -z "${CAFFE_ROOT:-}" ] && [ "$KEEP_ACTIVE" -eq 0 ] && cuda_check "$root" "$caffe_bin"
   # Machine-readable location, read by setup.sh and tinycaffe.caffe_env.
   printf 'CAFFE_ROOT=%s\nCAFFE_BIN=%s\nPYCAFFE_DIR=%s\nCAFFE_FLAVOUR=%s\n' \

@@ -468,9 +468,13 @@ def test_mean_and_labels_default_to_the_ones_beside_the_lmdb(repo, trained, smal
     x.mkdir()
     shutil.copytree(os.path.join(trained["lmdb"], "val_lmdb"), x / "val_lmdb")
 
-    def evaluate_x():
+    bare = tmp_path / "bare"  # a deploy file without its train_val beside: the mean beside the LMDB is used
+    bare.mkdir()
+    shutil.copy(trained["deploy"], bare / "deploy.prototxt")
+
+    def evaluate_x(deploy=str(bare / "deploy.prototxt")):
         return subprocess.run([sys.executable, os.path.join(repo, "tools", "evaluate.py"), "--deploy",
-                               trained["deploy"], "--weights", trained["w150"], "--quiet", "--lmdb", "X/val_lmdb",
+                               deploy, "--weights", trained["w150"], "--quiet", "--lmdb", "X/val_lmdb",
                                "--out", "here"], cwd=str(tmp_path), capture_output=True, text=True)
     one_line_error(evaluate_x(), "%s: missing (expected labels.txt" % (x / "labels.txt"))
     (x / "labels.txt").write_text("".join(open(os.path.join(trained["lmdb"], "labels.txt")).readlines()[:4]))
@@ -478,6 +482,11 @@ def test_mean_and_labels_default_to_the_ones_beside_the_lmdb(repo, trained, smal
     shutil.copy(os.path.join(trained["lmdb"], "labels.txt"), x / "labels.txt")
     shutil.copy(os.path.join(small_images, "mean.binaryproto"), x / "mean.binaryproto")
     one_line_error(evaluate_x(), "%s is 3x32x32 but the images of" % (x / "mean.binaryproto"))
+    # The run's deploy: its train_val says which mean it was trained with; the one beside the LMDB is not read.
+    out = evaluate_x(trained["deploy"])
+    assert out.returncode == 0, out.stderr
+    said = json.load(open(tmp_path / "here" / "eval_center.json"))["preprocessing"]
+    assert said.startswith("minus %s" % os.path.join(trained["lmdb"], "mean.binaryproto")) and trained["run"] in said
     shutil.copy(os.path.join(trained["lmdb"], "mean.binaryproto"), x / "mean.binaryproto")
     out = evaluate_x()
     assert out.returncode == 0, out.stderr

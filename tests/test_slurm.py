@@ -260,8 +260,8 @@ def test_a_storage_password_is_in_the_private_script_only(repo, lmdb_dir, tmp_pa
     out = sweep_slurm(repo, space, "--device", "cpu", "--root", tmp_path / "sweeps", "--storage", url, "--submit",
                       env=env)
     assert out.returncode == 0 and out.stdout.strip() == "4242", out.stderr
-    assert "secret" not in out.stderr and "--storage 'postgresql+psycopg2://sweeper:***@db.cluster/sweeps'" \
-        in out.stderr, out.stderr
+    assert "secret" not in out.stderr and "tools/sweep.py --report space --root %s --storage-file %s" % (
+        tmp_path / "sweeps", tmp_path / "sweeps" / "space" / sweep.STORAGE_FILE) in out.stderr, out.stderr
     job = tmp_path / "sweeps" / "space" / "slurm_job.sh"
     argv = worker_argv(job.read_text())
     assert "secret" not in job.read_text()  # nor in any node's `ps`: the workers read the URL from a file

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -199,11 +200,25 @@ def test_a_trial_silent_past_its_heartbeats_is_lost_on_any_machine(tmp_path):
     study._storage.set_trial_system_attr(silent._trial_id, "heartbeat", time.time() - 10)
     with sweep_recovery.heartbeat(study, beating):
         time.sleep(0.2)  # the heartbeat thread has beaten once
-        assert sweep_recovery.collect_lost(study) == [silent.number]
+        assert sweep_recovery.collect_lost(study, 1) == [silent.number]
     trials = study.get_trials()
     assert [t.state.name for t in trials] == ["FAIL", "RUNNING", "WAITING"]
     assert trials[2].params == trials[0].params and trials[2].system_attrs["retry_history"] == [0]
     assert "heartbeat" not in trials[2].system_attrs and "worker" not in trials[2].user_attrs
+    assert trials[0].user_attrs["reason"].startswith("lost: no heartbeat")
+    # A worker of this machine that is alive is never lost, however late its heartbeat.
+    study._storage.set_trial_system_attr(beating._trial_id, "heartbeat", time.time() - 10)
+    study._storage.set_trial_user_attr(beating._trial_id, "worker", {"host": socket.gethostname(),
+                                                                     "pid": os.getpid(), "gpu": "cpu"})
+    assert sweep_recovery.collect_lost(study, 1) == []
+    # A trial whose worker died inside ask (no worker named, no beat), older than the grace period: lost.
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        asked = study.ask()  # the retry queued above comes first
+    time.sleep(3.2)
+    assert asked.number == 2 and sweep_recovery.collect_lost(study, 1) == [2]
+    assert study.get_trials()[2].user_attrs["reason"].startswith("lost: its worker stopped before it started")
 
 
 def test_sigterm_stops_the_worker_with_a_snapshot_and_status_130(repo, lmdb_dir, tmp_path):
@@ -253,6 +268,36 @@ def test_a_trial_whose_weights_go_non_finite_late_fails_and_is_never_ranked(repo
                              "--sweeps-root", str(tmp_path / "sweeps"), "--lmdb", os.path.join(lmdb_dir, "test_lmdb"),
                              "--out", str(tmp_path / "s.txt")], cwd=repo, capture_output=True, text=True)
     assert submit.returncode == 1 and "0 complete trial(s), fewer than --top 1" in submit.stderr
+
+
+def test_anything_a_trial_raises_is_a_fail_never_a_running_trial(repo, lmdb_dir, tmp_path, monkeypatch):
+    """A TypeError (or any error) inside a trial: FAIL with its reason, not RUNNING until a later
+    worker takes it for lost and retries the same crash."""
+    space = sweep.load_space(write_space(tmp_path, lmdb_dir, budget={"max_iter": 20, "test_interval": 20}))
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug in a trial")
+    monkeypatch.setattr(sweep, "run_trial", broken)
+    done, status = sweep.work(space, "space", str(tmp_path / "sweeps" / "space"), 1, None, None, "none", "grid", 1)
+    trials = trials_of(tmp_path / "sweeps")
+    assert status == 1 and [t.state.name for t in trials] == ["FAIL"] * 3
+    assert trials[0].user_attrs["reason"] == "TypeError: a bug in a trial"
+
+
+def test_a_study_keeps_its_sampler_and_refuses_an_earlier_versions_study(repo, lmdb_dir, tmp_path):
+    space, root = write_space(tmp_path, lmdb_dir, budget={"max_iter": 20, "test_interval": 20}), tmp_path / "sweeps"
+    first = subprocess.run(sweep_command(space, root, 1), cwd=repo, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    other = subprocess.run(sweep_command(space, root, 2)[:-4] + ["--sampler", "random", "--root", str(root)],
+                           cwd=repo, capture_output=True, text=True)
+    assert other.returncode == 1 and "(sampler differ)" in other.stderr, other.stderr
+    study = sweep.open_study("old", sweep.make_storage(None, str(root / "old")))
+    study.ask()  # a trial, and no stored space: a study of an earlier version
+    old = subprocess.run(sweep_command(space, root, 1, "--name", "old"), cwd=repo, capture_output=True, text=True)
+    assert old.returncode == 1 and "made by an earlier tinycaffe" in old.stderr, old.stderr
+    floats = write_space(tmp_path, lmdb_dir, budget={"max_iter": 20.0, "test_interval": 20})
+    bad = subprocess.run(sweep_command(floats, root, 1, "--name", "f"), cwd=repo, capture_output=True, text=True)
+    assert bad.returncode == 1 and "budget.max_iter: expected an integer, got 20.0" in bad.stderr, bad.stderr
 
 
 def test_a_changed_space_or_data_is_refused_by_its_study(repo, lmdb_dir, tmp_path):
@@ -402,7 +447,8 @@ def test_two_workers_on_a_postgresql_study(repo, lmdb_dir, tmp_path, postgres):
     assert "tools/sweep.py" in listed and "sekret" not in listed
     assert "sekret" not in err + second.stderr
     assert "--report space --root %s --storage-file %s" % (root, url_file) in err
-    assert "%s=<your URL> tools/sweep.py --report space --root %s" % (sweep.STORAGE_ENV, root) in second.stderr
+    assert "tools/sweep.py --report space --root %s (with $%s set to the study's URL)" % (root, sweep.STORAGE_ENV) \
+        in second.stderr and ".venv/bin/python tools/sweep.py --report" in second.stderr
     for url in ("postgresql+psycopg2://u:sekret@nohost.invalid:notaport/db",  # does not parse
                 "postgresql+psycopg2://u:sekret@127.0.0.1:1/db"):  # a dead database
         bad = subprocess.run([sys.executable, TOOL, "--report", "space", "--root", str(root), "--storage", url],

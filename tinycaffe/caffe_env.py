@@ -19,6 +19,11 @@ def tinycaffe_home():
     return os.environ.get("TINYCAFFE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "tinycaffe")
 
 
+def reference_dir():
+    """BVLC Caffe's own examples/ and models/ prototxt files, kept by install_caffe.sh."""
+    return os.path.join(tinycaffe_home(), "caffe-reference")
+
+
 def location_file():
     return os.path.join(tinycaffe_home(), "caffe.env")
 
@@ -86,3 +91,22 @@ def caffe_pb2():
         del sys.modules[PB2_MODULE]
         raise
     return module
+
+
+def registered_layer_types():
+    """The layer types this Caffe build knows (ImageData and WindowData need OpenCV, which the
+    tinycaffe build leaves out)."""
+    return set(import_caffe().layer_type_list())
+
+
+def has_leveldb():
+    """Whether libcaffe links LevelDB (the tinycaffe build: -DUSE_LEVELDB=OFF)."""
+    import subprocess
+    pydir = read_location().get("PYCAFFE_DIR")
+    root = read_location().get("CAFFE_ROOT")
+    for lib in ([os.path.join(root, "lib", "libcaffe.so")] if root else []) + \
+            ([os.path.join(pydir, "caffe", "_caffe.so")] if pydir else []):
+        if os.path.exists(lib):
+            out = subprocess.run(["ldd", lib], capture_output=True, text=True).stdout
+            return "libleveldb" in out
+    return False

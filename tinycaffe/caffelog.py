@@ -34,10 +34,12 @@ def parse_float(text):
         return math.nan
 
 
-def parse(path):
+def parse(path, aliases=None):
     """-> (train_rows, test_rows): lists of dicts with NumIters, Seconds, LearningRate, <outputs>.
     After a resume from snapshot N (the train tool's command line), rows at N or later from
-    before it are dropped: each iteration's numbers are those of the run as it went on."""
+    before it are dropped: each iteration's numbers are those of the run as it went on.
+    aliases: {output name: the name to use} (accuracy_aliases: a net's Accuracy tops by top_k)."""
+    aliases = aliases or {}
     train, test, lrs = {}, {}, {}
     start = prev = None
     day = 0.0
@@ -74,13 +76,29 @@ def parse(path):
                                                   "Seconds": round(iteration_seconds - start, 3)
                                                   if iteration_seconds is not None else "",
                                                   "LearningRate": last_lr})
-                row[m.group(2)] = parse_float(m.group(3))
+                row[aliases.get(m.group(2), m.group(2))] = parse_float(m.group(3))
     # A train row's LR is the one Caffe printed for that iteration (it comes after the outputs).
     # A test row keeps the LR in force when the test ran, as Caffe's parse_log.py does.
     for it, row in train.items():
         if it in lrs:
             row["LearningRate"] = lrs[it]
     return [train[k] for k in sorted(train)], [test[k] for k in sorted(test)]
+
+
+def accuracy_aliases(net):
+    """{top name: accuracy_top<k>} for a NetParameter's Accuracy layers, found by type and top_k,
+    not by name: BVLC's cifar10_quick calls its top-1 output `accuracy`. Names that already say
+    their k, and a second layer of the same k, keep their own."""
+    aliases, taken = {}, set()
+    for layer in net.layer:
+        if layer.type != "Accuracy" or not layer.top:
+            continue
+        canonical = "accuracy_top%d" % (layer.accuracy_param.top_k or 1)
+        if layer.top[0] != canonical and canonical not in taken and \
+                canonical not in [t for other in net.layer for t in other.top]:
+            aliases[layer.top[0]] = canonical
+        taken.add(canonical)
+    return aliases
 
 
 def _forget_from(iteration, *tables):
@@ -142,11 +160,11 @@ def plot(train, test, path, title=""):
     os.replace(tmp, path)
 
 
-def write_outputs(log_path, out_dir, title="", events=()):
+def write_outputs(log_path, out_dir, title="", events=(), aliases=None):
     """train.csv, test.csv and curves.png for a log; returns (train rows, test rows). events: rows
     the log's outputs do not carry (a divergence: {"NumIters", "loss", "event"}), added to train.csv
     at their iteration (where a row of that iteration exists, its columns are filled in)."""
-    train, test = parse(log_path)
+    train, test = parse(log_path, aliases)
     by_iteration = {r["NumIters"]: r for r in train}
     for event in events:
         row = by_iteration.setdefault(event["NumIters"], {"NumIters": event["NumIters"], "Seconds": "",

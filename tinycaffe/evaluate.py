@@ -1,9 +1,11 @@
 """Run deploy nets over an LMDB: val top-1/top-5, per-class accuracy, confusions, and the
 averaged softmax of several models (ensembles) for the submission file.
 
-Preprocessing is Caffe's TEST transform: the image minus mean.binaryproto, then the
-crop (the deploy input's side); `center` is Caffe's own center crop, so top-1 agrees
-with `caffe test` on the train_val net of the same model.
+Preprocessing is the TEST transform the net was trained with (its train_val.prototxt,
+beside the deploy file or named by --train-val): minus its mean_file or mean_value, times its
+scale, then the crop (the deploy input's side); `center` is Caffe's own center crop, so
+top-1 agrees with `caffe test` on the train_val net of the same model. Without a train_val,
+the image minus the mean.binaryproto beside the LMDB (make_lmdb.py's, what tinycaffe's nets use).
 """
 import os
 import time
@@ -21,12 +23,15 @@ DEFAULT_TEST_LMDB = "data/lmdb/test_lmdb"
 DEFAULT_MEAN = "data/lmdb/mean.binaryproto"
 MEAN_HELP = "mean.binaryproto (default: the one beside --lmdb)"
 LABELS_HELP = "labels.txt (default: the one beside --lmdb)"
+TRAIN_VAL_HELP = ("the train_val net whose TEST transform (mean_file or mean_value, scale) the model was trained with "
+                  "(default: train_val.prototxt beside the deploy file, as in run dirs; none: the mean beside --lmdb)")
 
 
 def add_model_arguments(parser, lmdb_help, default_lmdb=DEFAULT_VAL_LMDB):
     """--deploy, --weights, --lmdb (val by default) and --mean, as every model tool takes them."""
     parser.add_argument("--deploy", required=True, help="deploy.prototxt (e.g. a run dir's)")
     parser.add_argument("--weights", required=True, help=".caffemodel")
+    parser.add_argument("--train-val", default=None, help=TRAIN_VAL_HELP)
     add_data_arguments(parser, lmdb_help, default_lmdb)
 
 
@@ -42,6 +47,7 @@ def resolve_data_arguments(args):
     """Fill --lmdb, --mean, --labels in place: an LMDB brings its own mean and labels (make_lmdb.py
     writes them beside it), never another dataset's; the default LMDB is the repo's data/lmdb."""
     args.lmdb = args.lmdb or repo_path(args.default_lmdb)
+    args.mean_given = args.mean is not None  # a mean the user named must agree with the net's own
     folder = fit.dataset_dir(args.lmdb)
     args.mean = args.mean or os.path.join(folder, "mean.binaryproto")
     args.labels = args.labels or os.path.join(folder, "labels.txt")
@@ -88,9 +94,14 @@ def trained_blob_shapes(deploy, weights):
         if not os.path.isfile(path):
             raise EvalError("%s: no such %s" % (path, what))
     try:
-        read_prototxt(deploy, caffe_pb2().NetParameter())
+        net = read_prototxt(deploy, caffe_pb2().NetParameter())
     except PrototxtError as exc:
         raise EvalError(str(exc)) from exc
+    readers = [layer.name for layer in net.layer if layer.type in ("Data", "ImageData", "HDF5Data", "WindowData")]
+    if readers:
+        raise EvalError("%s: a train_val net (layer '%s' reads data): give its deploy net, whose Input layer takes "
+                        "the images (a run dir has deploy.prototxt; tools/gen_prototxt.py writes one for its variants)"
+                        % (deploy, readers[0]))
     trained = caffe_pb2().NetParameter()
     with open(weights, "rb") as f:
         try:
@@ -137,7 +148,11 @@ def score_blob(net):
 
 
 def net_classes(net):
-    return net.blobs[output_blob(net)].data.shape[1]
+    shape = net.blobs[output_blob(net)].data.shape
+    if len(shape) < 2:
+        raise EvalError("the deploy net's output '%s' has shape %s, expected images x classes (a Softmax `prob`)"
+                        % (output_blob(net), list(shape)))
+    return shape[1]
 
 
 def input_blob(net):
@@ -186,6 +201,97 @@ def read_mean_for(mean_path, lmdb_path, crop):
     return mean
 
 
+# ---------------------------------------------------------------- preprocessing: the net's own
+class Preprocess:
+    """Caffe's TEST transform on a raw Datum: (pixels - mean) x scale; mean a C x H x W array (a
+    mean file), a C x 1 x 1 one (mean_value) or None."""
+
+    def __init__(self, mean, scale, said):
+        self.mean, self.scale, self.said = mean, scale, said
+
+    def apply(self, chw):
+        x = chw.astype(np.float32)
+        if self.mean is not None:
+            x -= self.mean
+        if self.scale != 1:
+            x *= np.float32(self.scale)
+        return x
+
+    def same_as(self, other):
+        return self.scale == other.scale and ((self.mean is None and other.mean is None) or (
+            self.mean is not None and other.mean is not None and self.mean.shape == other.mean.shape
+            and np.array_equal(self.mean, other.mean)))
+
+
+def test_transform(deploy, train_val=None):
+    """(the TEST-phase transform_param of the net's train_val, its path), or (None, None) when there
+    is no train_val (given, or train_val.prototxt beside the deploy file)."""
+    path = train_val or os.path.join(os.path.dirname(os.path.abspath(deploy)), "train_val.prototxt")
+    if not os.path.isfile(path):
+        if train_val:
+            raise EvalError("--train-val %s: no such file" % train_val)
+        return None, None
+    try:
+        net = read_prototxt(path, caffe_pb2().NetParameter())
+    except PrototxtError as exc:
+        raise EvalError(str(exc)) from exc
+    data_layers = [layer for layer in net.layer if layer.type in ("Data", "ImageData", "Input", "MemoryData")
+                   and layer.HasField("transform_param")]
+    test = [layer for layer in data_layers if any(rule.phase == 1 for rule in layer.include)] or \
+        [layer for layer in data_layers if not layer.include]
+    if not test:
+        raise EvalError("%s: no TEST-phase data layer with a transform_param: its preprocessing is unknown "
+                        "(give --train-val FILE, the net the model was trained with)" % path)
+    return test[0].transform_param, path
+
+
+def preprocessing(deploy, train_val, mean_path, mean_given, lmdb_path, crop):
+    """The net's own TEST transform (test_transform), checked against the LMDB; without a train_val,
+    mean_path (the mean beside the LMDB, or --mean). A --mean the net was not trained with is refused."""
+    shape = fit.image_shape(lmdb_path)
+    if shape and (shape[1] < crop or shape[2] < crop):
+        raise EvalError("the deploy net crops %dx%d but the images of %s are %dx%d: make the LMDB with --size >= %d "
+                        "or generate the net with --crop <= %d" % (crop, crop, lmdb_path, shape[1], shape[2], crop,
+                                                                    min(shape[1:])))
+    tp, where = test_transform(deploy, train_val)
+    if tp is None:
+        return Preprocess(read_mean_for(mean_path, lmdb_path, crop), 1.0, "minus %s (no train_val.prototxt beside "
+                          "%s: the mean beside the LMDB; give --train-val for the net's own)" % (mean_path, deploy))
+    scale = tp.scale if tp.HasField("scale") else 1.0
+    if tp.mean_value:
+        if mean_given:
+            raise EvalError("--mean %s, but %s subtracts mean_value %s: drop --mean" % (
+                mean_path, where, ", ".join("%g" % v for v in tp.mean_value)))
+        channels = fit.image_shape(lmdb_path)[0] if fit.image_shape(lmdb_path) else len(tp.mean_value)
+        if len(tp.mean_value) not in (1, channels):
+            raise EvalError("%s: %d mean_value entries for %d-channel images (Caffe takes 1 or one a channel)"
+                            % (where, len(tp.mean_value), channels))
+        values = np.array(list(tp.mean_value) * (channels if len(tp.mean_value) == 1 else 1), np.float32)
+        mean, said = values.reshape(-1, 1, 1), "minus mean_value %s" % ", ".join("%g" % v for v in tp.mean_value)
+    elif tp.mean_file:
+        net_mean = fit.absolute(tp.mean_file, fit.base_for(where))
+        if mean_given and os.path.abspath(mean_path) != net_mean:
+            raise EvalError("--mean %s, but %s was trained with mean file %s: drop --mean (or pass that one)"
+                            % (mean_path, where, net_mean))
+        mean, said = read_mean_for(net_mean, lmdb_path, crop), "minus %s" % net_mean
+    else:
+        if mean_given:
+            raise EvalError("--mean %s, but %s subtracts no mean: drop --mean" % (mean_path, where))
+        mean, said = None, "no mean"
+    return Preprocess(mean, scale, "%s%s (the TEST transform of %s)" % (said, ", times %g" % scale
+                                                                       if scale != 1 else "", where))
+
+
+def ensemble_preprocessing(deploys, train_val, mean_path, mean_given, lmdb_path, crop):
+    """One preprocessing for every model of an ensemble (each from its own train_val), or EvalError."""
+    found = [preprocessing(d, train_val, mean_path, mean_given, lmdb_path, crop) for d in deploys]
+    for deploy, other in zip(deploys[1:], found[1:]):
+        if not found[0].same_as(other):
+            raise EvalError("%s and %s were trained with different preprocessing (%s; %s): an ensemble runs one"
+                            % (deploys[0], deploy, found[0].said, other.said))
+    return found[0]
+
+
 def check_classes(net, deploy, labels_path):
     """Refuse a model whose class outputs are not the labels' count."""
     count = len(data.read_labels(labels_path))
@@ -207,7 +313,8 @@ class Predictions:
 
 def predict(nets_and_weights, lmdb_path, mean, tta="center", batch=DEFAULT_BATCH, progress=None, names=None):
     """Averaged probabilities of several (net, model weight) pairs over every record -> Predictions.
-    names: what to call each model in an error (its .caffemodel), default "model N"."""
+    mean: a Preprocess (or a mean array: minus it, scale 1). names: what to call each model in an
+    error (its .caffemodel), default "model N"."""
     check_batch(batch)
     nets = [n for n, _ in nets_and_weights]
     crop = net_crop(nets[0])
@@ -217,7 +324,9 @@ def predict(nets_and_weights, lmdb_path, mean, tta="center", batch=DEFAULT_BATCH
     classes = {net_classes(n) for n in nets}
     if len(classes) != 1:
         raise EvalError("the models disagree on the class count: %s" % sorted(classes))
-    offsets = crop_offsets(mean.shape[-1], crop, tta)
+    pre = mean if isinstance(mean, Preprocess) else Preprocess(mean, 1.0, "")
+    side = fit.image_shape(lmdb_path)
+    offsets = crop_offsets(side[-1] if side else crop, crop, tta)
     keys, labels = [], []
     per_model = [([], []) for _ in nets]  # (probs, scores) chunks
     t0 = time.time()
@@ -237,9 +346,9 @@ def predict(nets_and_weights, lmdb_path, mean, tta="center", batch=DEFAULT_BATCH
     pending = []
     for key, datum in data.iter_lmdb(lmdb_path):
         chw = np.frombuffer(datum.data, np.uint8).reshape(datum.channels, datum.height, datum.width)
-        if chw.shape != mean.shape:
-            raise EvalError("%s: record %s is %s but the mean is %s" % (lmdb_path, key, chw.shape, mean.shape))
-        pending.append(chw.astype(np.float32) - mean)
+        if pre.mean is not None and pre.mean.shape[1:] != (1, 1) and chw.shape != pre.mean.shape:
+            raise EvalError("%s: record %s is %s but the mean is %s" % (lmdb_path, key, chw.shape, pre.mean.shape))
+        pending.append(pre.apply(chw))
         keys.append(key)
         labels.append(datum.label)
         if len(pending) == batch:

@@ -30,9 +30,11 @@ def write_text(path, text):
 
 
 def parse_prototxt(path, text, message):
-    """Merge text (read from path) into message (a caffe_pb2 message) and return it."""
+    """Parse text (read from path) into message (a caffe_pb2 message) and return it, as Caffe's
+    C++ TextFormat::Parse does: a non-repeated field given twice (num_output, base_lr) is an
+    error, not the last one silently winning (Python's Merge)."""
     try:
-        text_format.Merge(text, message)
+        text_format.Parse(text, message)
     except text_format.ParseError as exc:
         raise PrototxtError("%s:%s:%s: %s" % (path, exc.GetLine(), exc.GetColumn(),
                                              re.sub(r"^\d+:\d+ : ", "", str(exc)))) from exc

@@ -112,16 +112,19 @@ def net_classes(net_param):
     return None
 
 
-def check_classes(outputs, where, lmdb_path, labels_path=None):
-    """Refuse a net whose class outputs differ from the dataset's class count."""
+def check_classes(outputs, where, lmdb_path, labels_path=None, layer=None):
+    """Refuse a net whose class outputs differ from the dataset's class count. layer: the
+    classifier's name in a net of the user's own (the advice is then to set its num_output;
+    for tinycaffe's generated nets, to regenerate them)."""
     if labels_path:
         count, said_by = len(data.read_labels(labels_path)), labels_path
     else:
         count, said_by = dataset_classes(lmdb_path)
     if count is not None and outputs != count:
+        fix = ("set num_output: %d in layer '%s'" % (count, layer) if layer
+               else "regenerate the net with --num-classes %d or --labels %s" % (count, said_by))
         raise FitError("%s has %d class outputs but %s lists %d classes: the net and the data (%s) come from "
-                       "different datasets (regenerate the net with --num-classes %d or --labels %s)"
-                       % (where, outputs, said_by, count, lmdb_path, count, said_by))
+                       "different datasets (%s)" % (where, outputs, said_by, count, lmdb_path, fix))
 
 
 def check_crop(crop, where, lmdb_path):
@@ -134,14 +137,35 @@ def check_crop(crop, where, lmdb_path):
 
 
 def check_data_layers(net_param, net_path, labels_path=None):
-    """Every Data layer of a train_val net against its own LMDB: records, class count and crop."""
+    """Every Data layer of a train_val net against its own LMDB: records, class count and crop;
+    FitError with the first problem (data_layer_problems lists them all)."""
+    problems = data_layer_problems(net_param, net_path, labels_path)
+    if problems:
+        raise FitError(problems[0])
+
+
+def data_layer_problems(net_param, net_path, labels_path=None):
+    """Every problem of every Data layer against its own LMDB, one line each; the class count once
+    (against the first LMDB: it is the net's, not a layer's)."""
     found, base = net_classes(net_param), base_for(net_path)
+    own = None if in_generated_dir(net_path) else (found[1] if found else None)
+    problems, classes_checked = [], not found
     for layer in net_param.layer:
         source = resolved_source(layer, base)
         if layer.type != "Data" or not os.path.isfile(os.path.join(source, "data.mdb")):
             continue
         if image_shape(source) is None:
-            raise FitError("%s: layer '%s' reads %s, which is empty (no records)" % (net_path, layer.name, source))
-        if found:
-            check_classes(found[0], "%s (layer '%s')" % (net_path, found[1]), source, labels_path)
-        check_crop(layer.transform_param.crop_size, "%s (layer '%s')" % (net_path, layer.name), source)
+            problems.append("%s: layer '%s' reads %s, which is empty (no records)" % (net_path, layer.name, source))
+            continue
+        checks = [lambda: check_crop(layer.transform_param.crop_size, "%s (layer '%s')" % (net_path, layer.name),
+                                     source)]
+        if not classes_checked:
+            classes_checked = True
+            checks.insert(0, lambda: check_classes(found[0], "%s (layer '%s')" % (net_path, found[1]), source,
+                                                   labels_path, own))
+        for check in checks:
+            try:
+                check()
+            except (FitError, data.DataError) as exc:
+                problems.append(str(exc))
+    return problems

@@ -38,8 +38,9 @@ class LiveCurves:
     """Feed it every log line; it writes the scalars those lines carry. Never raises on a
     line it does not understand (a log is free text), nor on a writer that failed."""
 
-    def __init__(self, log_dir, images_per_iteration, writer=None, purge_step=None, warn=None):
+    def __init__(self, log_dir, images_per_iteration, writer=None, purge_step=None, warn=None, aliases=None):
         self.warn, self.log_dir = warn or (lambda message: None), log_dir
+        self.aliases = aliases or {}  # caffelog.accuracy_aliases: the names train.csv/test.csv use
         self.images_per_iteration = images_per_iteration
         self.iteration = 0
         self.written = set()  # (tag, step) pairs this writer holds
@@ -67,7 +68,8 @@ class LiveCurves:
         m = caffelog.OUTPUT.search(line)
         if m:
             prefix = "train" if m.group(1) == "Train" else "val"
-            self._scalar("%s/%s" % (prefix, m.group(2)), caffelog.parse_float(m.group(3)), self.iteration)
+            name = self.aliases.get(m.group(2), m.group(2))
+            self._scalar("%s/%s" % (prefix, name), caffelog.parse_float(m.group(3)), self.iteration)
             if prefix == "val":
                 self.flush()  # a val number is what one waits for: show it at once
 

@@ -36,7 +36,7 @@ def solver_problems(solver, solver_path, base):
     else:
         problems.extend(_copied_variant(solver_path, net, base, "net" if solver.net else "train_net",
                                         solver.net or solver.train_net))
-    if solver.type == "AdaGrad" and solver.momentum:
+    if solver_type(solver) == "AdaGrad" and solver.momentum:
         problems.append("%s: AdaGrad takes no momentum (Caffe aborts); remove `momentum`" % solver_path)
     if solver.lr_policy == "step" and solver.stepsize <= 0:
         problems.append("%s: lr_policy \"step\" needs stepsize > 0" % solver_path)
@@ -46,6 +46,19 @@ def solver_problems(solver, solver_path, base):
         if not math.isfinite(getattr(solver, field)):
             problems.append("%s: %s is %g, expected a finite number" % (solver_path, field, getattr(solver, field)))
     return problems
+
+
+# Caffe's UpgradeSolverType: the legacy enum solver_type stands for `type` when `type` is not set.
+LEGACY_SOLVER_TYPES = {0: "SGD", 1: "Nesterov", 2: "AdaGrad", 3: "RMSProp", 4: "AdaDelta", 5: "Adam"}
+
+
+def solver_type(solver):
+    """The solver type Caffe will run: `type`, else the legacy `solver_type` enum, else SGD."""
+    if solver.HasField("type"):
+        return solver.type
+    if solver.HasField("solver_type"):
+        return LEGACY_SOLVER_TYPES.get(solver.solver_type, "SGD")
+    return "SGD"
 
 
 def _copied_variant(solver_path, net, base, field="net", written=""):
@@ -67,13 +80,31 @@ def net_problems(net, net_path, base, need_data=True, lmdb_dir=None):
     """The Data layers' sources and mean files, a test split used where labels are needed, the
     net against its data (class count, crop) and the augmentation fields. lmdb_dir: check the
     class count and crop against that make_lmdb.py folder too (gen_prototxt --check --lmdb-dir)."""
-    problems = []
+    problems = build_problems(net, net_path)
     for layer in net.layer:
         if layer.type in DATA_LAYER_TYPES:
             problems.extend(_data_source_problems(layer, net_path, base, need_data))
     if not problems:  # the fit checks read the same LMDBs
         problems.extend(fit_problems(net, net_path, lmdb_dir))
     problems.extend(augmentation_problems(net, net_path, base))
+    return problems
+
+
+def build_problems(net, net_path):
+    """Layers and backends this Caffe build lacks (--check swaps data layers for dummies, so Caffe
+    would not say it there): one line each, naming the layer and what to use instead."""
+    from . import caffe_env
+    known, problems = caffe_env.registered_layer_types(), []
+    for layer in net.layer:
+        if layer.type not in known:
+            hint = (" (it needs OpenCV, which this build leaves out): make an LMDB with tools/make_lmdb.py and use a "
+                    "Data layer" if layer.type in ("ImageData", "WindowData") else "")
+            problems.append("%s: layer '%s' has type %s, which this Caffe build does not have%s"
+                            % (net_path, layer.name, layer.type, hint))
+        elif layer.type == "Data" and layer.data_param.backend == layer.data_param.LEVELDB and \
+                not caffe_env.has_leveldb():
+            problems.append("%s: layer '%s' reads a LevelDB, which this Caffe build cannot (built without LevelDB): "
+                            "convert it to LMDB, backend: LMDB" % (net_path, layer.name))
     return problems
 
 
@@ -105,8 +136,10 @@ def _unlabelled(source):
 
 def fit_problems(net, net_path, lmdb_dir=None):
     """The net against its Data layers' own LMDBs, and against lmdb_dir's labels and images."""
+    problems = fit.data_layer_problems(net, net_path)
+    if problems:
+        return problems
     try:
-        fit.check_data_layers(net, net_path)
         if lmdb_dir:
             lmdb = os.path.join(lmdb_dir, "train_lmdb")
             found = fit.net_classes(net)

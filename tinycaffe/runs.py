@@ -318,6 +318,16 @@ def drop_diverged_snapshots(run_dir, keep_up_to):
     return sorted(removed), None
 
 
+def accuracy_aliases(run_dir):
+    """The run's Accuracy outputs as accuracy_top1/top5 (caffelog.accuracy_aliases of its net)."""
+    from . import caffelog
+    try:
+        net = read_prototxt(os.path.join(run_dir, "train_val.prototxt"), caffe_pb2().NetParameter())
+    except PrototxtError:
+        return {}
+    return caffelog.accuracy_aliases(net)
+
+
 def drop_partial_snapshots(run_dir):
     """Delete, newest first, snapshot pairs that were not written whole (Caffe writes them in place,
     so a full disk or a kill mid-write leaves a truncated file that --resume would load and abort

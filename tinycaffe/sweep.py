@@ -21,7 +21,7 @@ import tempfile
 
 from google.protobuf import text_format
 
-from . import caffelog, gen, repo_path, runs, sweep_recovery, sweep_space, train
+from . import REPO_ROOT, caffelog, gen, repo_path, runs, sweep_recovery, sweep_space, train
 from .caffe_env import caffe_pb2
 from .files import atomic_open, write_text
 from .sweep_space import GEN_PARAMS, PRUNERS, SAMPLERS, SOLVER_PARAMS, SweepError, resolve_lmdb_dir  # noqa: F401
@@ -111,19 +111,23 @@ def make_sampler(name, space):
 
 
 _PASSWORD = re.compile(r"([\w+]+://[^:/@\s]*:)[^@\s]*@")  # SQLAlchemy's own URL pattern: user:password@
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&\s]*")  # libpq's ?password=...
 
 
 def masked(url):
     """url (or a command line holding one) with its password as ***, for anything printed, logged,
     reported or written into a job script."""
-    return _PASSWORD.sub(r"\1***@", url)
+    return _QUERY_PASSWORD.sub(r"\1***", _PASSWORD.sub(r"\1***@", url))
 
 
-def make_storage(url, sweep_dir, heartbeat=sweep_recovery.HEARTBEAT_SECONDS):
+def make_storage(url, sweep_dir, heartbeat=sweep_recovery.HEARTBEAT_SECONDS, reading=False):
     """The file journal in sweep_dir (default) or Optuna's RDB storage for a URL, both with
     heartbeats (sweep_recovery); a URL that does not parse or a database that does not answer is
     a SweepError naming the URL, its password masked."""
     if url:
+        sqlite = re.match(r"^sqlite:///(.+)$", url)
+        if sqlite and not os.path.isfile(sqlite.group(1)) and reading:
+            raise SweepError("--storage %s: no such database file (a report only reads a study)" % masked(url))
         try:
             return sweep_recovery.rdb_storage(url, heartbeat)
         except Exception as exc:  # SQLAlchemy's ArgumentError, OperationalError, ... with the URL in them
@@ -217,7 +221,6 @@ def run_trial(trial, space, sweep_dir, gpu):
     values = suggest(trial, space)
     run_dir = os.path.join(sweep_dir, "trial_%d" % trial.number)
     trial.set_user_attr("run_dir", run_dir)
-    trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid(), "gpu": gpu or "cpu"})
     with tempfile.TemporaryDirectory(prefix="sweep-gen-") as work:
         solver_path = prepare_trial(space, values, work, space["seed"] + trial.number, "gpu" if gpu else "cpu")
         args = argparse.Namespace(target=solver_path, gpu=gpu or "cpu", resume=False, weights=None, run_dir=run_dir,
@@ -279,23 +282,29 @@ def work(space, name, sweep_dir, trials, gpu, storage_url, pruner, sampler, hear
 
 def _work(space, name, sweep_dir, trials, gpu, storage_url, pruner, sampler, heartbeat):
     import optuna
+    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
-    storage = make_storage(storage_url, sweep_dir, heartbeat)
-    study = open_study(name, storage, make_sampler(sampler, space), make_pruner(pruner, space["pruner"]))
-    check_same_experiment(study, space, name)
+    study, heartbeat = _open_for_work(name, sweep_dir, storage_url, heartbeat, space, pruner, sampler)
     grid = sweep_recovery.grid_size(grid_space(space)) if sampler == "grid" else None
     done = failures = 0
     while True:
-        lost = sweep_recovery.collect_lost(study)  # before every ask: a worker may have died meanwhile
+        lost = sweep_recovery.collect_lost(study, heartbeat)  # before every ask: a worker may have died meanwhile
         if lost:
             print("[sweep] trials %s lost their worker: marked failed, their points queued again" % lost,
                   file=sys.stderr)
-        if len(finished(study)) >= trials or not sweep_recovery.work_left(study, grid):
+        if len(finished(study)) >= trials:
             return done, 0
-        trial = _ask(study, sweep_dir)
+        trial = _ask(study, sweep_dir, grid, gpu)
+        if trial is None:  # every point taken
+            return done, 0
         try:
             with sweep_recovery.heartbeat(study, trial):
                 value = run_trial(trial, space, sweep_dir, gpu)
+            _tell(study, trial, value)
+            failures = 0
+        except UpdateFinishedTrialError:  # a heartbeat too late: another worker took the trial as lost
+            print("[sweep] trial %d was taken as lost by another worker (its heartbeat came late): its result is "
+                  "not kept, its point runs again" % trial.number, file=sys.stderr)
         except (KeyboardInterrupt, Interrupted) as exc:  # the asked trial is no result; its point is queued again
             _lose(study, trial, "stopped by a signal: %s" % (exc or "Ctrl-C or SIGTERM between trials"))
             if isinstance(exc, KeyboardInterrupt):
@@ -303,22 +312,44 @@ def _work(space, name, sweep_dir, trials, gpu, storage_url, pruner, sampler, hea
             print("[sweep] %s; run the same command to continue the study" % exc, file=sys.stderr)
             return done + 1, 130
         except optuna.TrialPruned as exc:
-            trial.set_user_attr("reason", str(exc))
-            _tell(study, trial, state=TrialState.PRUNED)
+            _tell(study, trial, state=TrialState.PRUNED, reason=str(exc))
             failures = 0
-        except (TrialFailed, runs.RunError, ValueError) as exc:
-            trial.set_user_attr("reason", str(exc))
-            _tell(study, trial, state=TrialState.FAIL)
+        except Exception as exc:  # TrialFailed, a RunError, or anything the trial raised: a result of FAIL, never RUNNING
+            reason = str(exc) if isinstance(exc, (TrialFailed, runs.RunError, ValueError)) else \
+                "%s: %s" % (type(exc).__name__, exc)
+            _tell(study, trial, state=TrialState.FAIL, reason=reason)
             failures += 1
-            print("[sweep] %s" % exc, file=sys.stderr)
+            print("[sweep] %s" % reason, file=sys.stderr)
             if failures >= MAX_FAILURES_IN_A_ROW:
                 print("[sweep] %d trials failed in a row: this worker stops (see their caffe.log)" % failures,
                       file=sys.stderr)
                 return done + 1, 1
-        else:
-            _tell(study, trial, value)
-            failures = 0
         done += 1
+
+
+def _open_for_work(name, sweep_dir, storage_url, heartbeat, space, pruner, sampler):
+    """The study, with the heartbeat interval it keeps (the first worker's): every worker judges
+    staleness alike, whatever its own --heartbeat. -> (study, interval)."""
+    storage = make_storage(storage_url, sweep_dir, heartbeat)
+    study = _open(name, storage, space, pruner, sampler)
+    kept = study.user_attrs.get("heartbeat_seconds")
+    if kept is None:
+        study.set_user_attr("heartbeat_seconds", heartbeat)
+    elif kept != heartbeat:
+        print("[sweep] study '%s' keeps a heartbeat of %d s (--heartbeat %d ignored)" % (name, kept, heartbeat),
+              file=sys.stderr)
+        heartbeat = kept
+        study = _open(name, make_storage(storage_url, sweep_dir, heartbeat), space, pruner, sampler)
+    check_same_experiment(study, space, name, sampler, pruner)
+    return study, heartbeat
+
+
+def _open(name, storage, space, pruner, sampler):
+    try:
+        return open_study(name, storage, make_sampler(sampler, space), make_pruner(pruner, space["pruner"]))
+    except OSError as exc:  # a study folder this user cannot write (the journal's lock)
+        raise SweepError("%s: cannot work on study '%s' (%s)" % (exc.filename or name, name,
+                                                                 exc.strerror or exc)) from None
 
 
 def _lose(study, trial, reason):
@@ -329,12 +360,16 @@ def _lose(study, trial, reason):
     sweep_recovery.lost(study, study._storage.get_trial(trial._trial_id))
 
 
-def check_same_experiment(study, space, name):
+def check_same_experiment(study, space, name, sampler=None, pruner=None):
     """A study is one experiment: the first worker stores the space and the data's fingerprint
     with it; a worker with another space or data is refused, naming what differs."""
-    current = sweep_space.identity(space)
+    current = sweep_space.identity(space, sampler, pruner)
     stored = study.user_attrs.get("space")
     if stored is None:
+        if study.get_trials(deepcopy=False):
+            raise SweepError("study '%s' was made by an earlier tinycaffe, which kept neither its space nor its data "
+                             "with it (and ranked trials by another number): start a new study with --name %s-2"
+                             % (name, name))
         study.set_user_attr("space", current)
         return
     changed = sweep_space.differences(stored, current)
@@ -344,25 +379,33 @@ def check_same_experiment(study, space, name):
                          % (name, ", ".join(changed), name))
 
 
-def _ask(study, sweep_dir):
-    """study.ask, one worker of this machine at a time (a lock file in sweeps/<name>/): Optuna's
-    GridSampler gives a new trial a point that no trial holds yet, and two workers asking at
-    the same moment could both get the same one. Workers on other machines (an RDB study)
-    may still collide; their duplicates are extra trials, never lost ones."""
+def _ask(study, sweep_dir, grid=None, gpu=None):
+    """study.ask, one worker of this machine at a time (a lock file in sweeps/<name>/), after
+    asking whether a point is left (sweep_recovery.work_left) under the same lock: Optuna's
+    GridSampler hands a taken point out again once none is free. The new trial names its worker
+    at once (a worker that dies later is found by its pid). None: nothing left to do. Workers on
+    other machines (an RDB study) may still collide: an extra trial, never a lost one."""
     import fcntl
-    os.makedirs(sweep_dir, exist_ok=True)
     import warnings
+    os.makedirs(sweep_dir, exist_ok=True)
     with open(os.path.join(sweep_dir, "ask.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        if not sweep_recovery.work_left(study, grid):
+            return None
         with warnings.catch_warnings():  # "heartbeat ... used with Study.optimize": we run its thread ourselves
             warnings.filterwarnings("ignore", message="Heartbeat of storage", category=UserWarning)
-            return study.ask()
+            trial = study.ask()
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid(), "gpu": gpu or "cpu"})
+        return trial
 
 
-def _tell(study, trial, value=None, state=None):
+def _tell(study, trial, value=None, state=None, reason=None):
     """study.tell. The grid sampler calls Study.stop when it has handed out every point, which
     Optuna allows only inside optimize(): the state is stored all the same, and whether work is
-    left is sweep_recovery.work_left's to say (a lost point queued again is)."""
+    left is sweep_recovery.work_left's to say (a lost point queued again is). reason: the
+    trial's, said in the report."""
+    if reason is not None:
+        trial.set_user_attr("reason", reason)
     try:
         study.tell(trial, value, state=state)
     except RuntimeError as exc:
@@ -428,20 +471,23 @@ def storage_url(url=None, url_file=None):
     return url or os.environ.get(STORAGE_ENV) or None
 
 
-def again_command(tool, name, root=None, storage_file=None, storage=None):
-    """A command line naming study `name` where it lives (--root, the storage), for hints to copy:
-    a URL's password never printed (the file or $TINYCAFFE_SWEEP_STORAGE is named instead)."""
+def again_command(flag, name, root=None, storage_file=None, storage=None):
+    """`.venv/bin/python tools/sweep.py FLAG NAME` where the study lives (--root, the storage), for
+    hints to copy: a URL with a password is never printed (its file is named, or the hint reads it
+    from $TINYCAFFE_SWEEP_STORAGE, which must then hold it)."""
     import shlex
-    parts = tool.split() + [name]
+    tool = [os.path.relpath(p) if not os.path.relpath(p).startswith("..") else p
+            for p in (os.path.join(REPO_ROOT, ".venv", "bin", "python"), os.path.join(REPO_ROOT, "tools", "sweep.py"))]
+    parts = tool + [flag, name]
     if root:
         parts += ["--root", os.path.abspath(root)]
     if storage_file:
         parts += ["--storage-file", os.path.abspath(storage_file)]
-    elif storage:
-        parts += ["--storage", storage] if masked(storage) == storage else []
+    elif storage and masked(storage) == storage:
+        parts += ["--storage", storage]
     line = " ".join(shlex.quote(p) for p in parts)
     if storage and not storage_file and masked(storage) != storage:
-        line = "%s=<your URL> %s" % (STORAGE_ENV, line)
+        line += " (with $%s set to the study's URL)" % STORAGE_ENV
     return line
 
 
@@ -459,7 +505,7 @@ def _existing_study(name, root, storage):
         raise SweepError("no sweep '%s': %s has no %s" % (name, sweep_dir, JOURNAL))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     where = masked(storage) if storage else os.path.join(sweep_dir, JOURNAL)
-    backend = make_storage(storage, sweep_dir)
+    backend = make_storage(storage, sweep_dir, reading=True)
     try:
         return sweep_dir, optuna.load_study(study_name=name, storage=backend)
     except KeyError:  # Optuna: no study of that name in the storage

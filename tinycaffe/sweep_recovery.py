@@ -33,7 +33,11 @@ def make_heartbeat_journal(path, interval):
         """A trial's heartbeat is a system attribute holding the wall-clock time of its last beat."""
 
         def record_heartbeat(self, trial_id):
-            self.set_trial_system_attr(trial_id, "heartbeat", time.time())
+            from optuna.exceptions import UpdateFinishedTrialError
+            try:
+                self.set_trial_system_attr(trial_id, "heartbeat", time.time())
+            except UpdateFinishedTrialError:
+                pass  # taken as lost by another worker: its worker says so when it tells
 
         def _get_stale_trial_ids(self, study_id):
             oldest = time.time() - GRACE_BEATS * interval
@@ -44,7 +48,7 @@ def make_heartbeat_journal(path, interval):
             return interval
 
         def get_heartbeat_stale_trial_callback(self):
-            return on_stale
+            return None  # fail_stale does the failing, with a reason
 
     return HeartbeatJournal(JournalFileBackend(path))
 
@@ -56,8 +60,7 @@ def rdb_storage(url, interval):
     import optuna
     with warnings.catch_warnings():  # Optuna marks its heartbeat "experimental": noise on every worker's terminal
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, heartbeat_interval=interval, grace_period=GRACE_BEATS * interval,
-                                          heartbeat_stale_trial_callback=on_stale)
+        return optuna.storages.RDBStorage(url, heartbeat_interval=interval, grace_period=GRACE_BEATS * interval)
 
 
 def heartbeat(study, trial):
@@ -67,19 +70,10 @@ def heartbeat(study, trial):
 
 
 # ---------------------------------------------------------------- finding lost trials
-def collect_lost(study):
-    """Fail the trials whose worker is gone, queue their points again; -> their numbers."""
-    import warnings
-
-    from optuna.exceptions import ExperimentalWarning
-    from optuna.storages import fail_stale_trials
-    from optuna.trial import TrialState
-    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    fail_orphans(study)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        fail_stale_trials(study)  # Optuna's: FAIL, then on_stale for each
-    return sorted(t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number in running)
+def collect_lost(study, interval):
+    """Fail the trials whose worker is gone and queue their points again; -> the numbers of those
+    this worker failed (another worker may fail others at the same moment)."""
+    return sorted(fail_orphans(study, interval) + fail_stale(study))
 
 
 def _alive(pid):
@@ -92,28 +86,68 @@ def _alive(pid):
     return True
 
 
-def fail_orphans(study):
-    """Trials left RUNNING by a worker of this machine (same host name) whose process is gone
-    (killed, crashed): lost at once, without waiting for the heartbeat's grace period."""
+def _local_and_alive(trial):
+    """The trial's worker runs on this machine and its process is there: never lost, however late
+    its heartbeat (a stalled disk, a stopped process, another worker's shorter --heartbeat)."""
+    worker = trial.user_attrs.get("worker") or {}
+    pid = int(worker.get("pid", 0) or 0)
+    return worker.get("host") == socket.gethostname() and pid > 0 and _alive(pid)
+
+
+def _fail(study, trial, reason):
+    """FAIL a RUNNING trial with its reason, then what a lost trial leaves; False when another
+    worker got there first."""
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
-    host = socket.gethostname()
+    retries = len(trial.system_attrs.get("retry_history", []))
+    if retries >= MAX_RETRIES:
+        reason += "; not queued again: its point was lost %d times" % (retries + 1)
+    try:
+        study._storage.set_trial_user_attr(trial._trial_id, "reason", reason)
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    except UpdateFinishedTrialError:
+        return False
+    lost(study, study._storage.get_trial(trial._trial_id))
+    return True
+
+
+def fail_orphans(study, interval):
+    """Trials left RUNNING by a worker of this machine (same host name) whose process is gone
+    (killed, crashed): lost at once, without waiting for the heartbeat's grace period. Also a
+    trial that never got as far as naming its worker or beating (its worker died inside ask)."""
+    import datetime
+
+    from optuna.trial import TrialState
+    host, failed = socket.gethostname(), []
+    oldest = datetime.datetime.now() - datetime.timedelta(seconds=GRACE_BEATS * interval)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker") or {}
         pid = int(worker.get("pid", 0) or 0)
         if worker.get("host") == host and pid > 0 and pid != os.getpid() and not _alive(pid):
-            try:
-                study._storage.set_trial_user_attr(t._trial_id, "reason", "lost: its worker (pid %d on %s) is gone"
-                                                   % (pid, host))
-                study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            except UpdateFinishedTrialError:
-                continue  # another worker starting at the same moment failed it first
-            lost(study, study._storage.get_trial(t._trial_id))
+            reason = "lost: its worker (pid %d on %s) is gone" % (pid, host)
+        elif not worker and "heartbeat" not in t.system_attrs and t.datetime_start and t.datetime_start < oldest:
+            reason = "lost: its worker stopped before it started training (no worker, no heartbeat)"
+        else:
+            continue
+        if _fail(study, t, reason):
+            failed.append(t.number)
+    return failed
 
 
-def on_stale(study, trial):
-    """Optuna's heartbeat callback: the trial is FAIL already (no attribute can be added to it)."""
-    lost(study, trial)
+def fail_stale(study):
+    """Optuna's fail_stale_trials, with a reason and without a trial of a live local worker: the
+    RUNNING trials whose last heartbeat is older than the grace period are lost."""
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+    if not is_heartbeat_enabled(study._storage):
+        return []
+    failed = []
+    for trial_id in study._storage._get_stale_trial_ids(study._study_id):
+        trial = study._storage.get_trial(trial_id)
+        if _local_and_alive(trial):
+            continue
+        if _fail(study, trial, "lost: no heartbeat (its worker was killed or its node went down)"):
+            failed.append(trial.number)
+    return failed
 
 
 # ---------------------------------------------------------------- what a lost trial leaves

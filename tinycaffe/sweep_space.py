@@ -59,7 +59,7 @@ SCHEMA = {
                    "properties": {"max_iter": {"type": "integer", "minimum": 1},
                                   "test_interval": {"type": "integer", "minimum": 1}},
                    "required": ["max_iter", "test_interval"], "additionalProperties": False},
-        "seed": {"type": "integer"},
+        "seed": {"type": "integer", "minimum": 0, "maximum": 2 ** 31},  # + a worker's pid must stay < 2**32
         "params": {"type": "object", "propertyNames": {"enum": list(VALUE_RULES)},
                    "additionalProperties": PARAM_SCHEMA},
         "pruner": {"type": "object", "propertyNames": {"enum": list(PRUNERS)},
@@ -99,11 +99,31 @@ def _explain(error):
         return "%s: unknown %r (valid: %s)" % (where, error.instance, ", ".join(map(str, expected)))
     if kind == "type":
         wanted = " or ".join(_TYPE_WORDS.get(t, t) for t in ([expected] if isinstance(expected, str) else expected))
-        return "%s: expected %s, got %r" % (where, wanted, error.instance)
-    if kind in ("minimum", "minItems", "minLength"):
-        what = {"minimum": "a value >= %s", "minItems": "at least %s item(s)", "minLength": "at least %s character(s)"}
+        return "%s: expected %s, got %r%s" % (where, wanted, error.instance, _yaml_number_hint(error.instance))
+    if kind in ("minimum", "maximum", "minItems", "minLength"):
+        what = {"minimum": "a value >= %s", "maximum": "a value <= %s", "minItems": "at least %s item(s)",
+                "minLength": "at least %s character(s)"}
         return "%s: expected %s, got %r" % (where, what[kind] % expected, error.instance)
     return "%s: %s" % (where, error.message)
+
+
+def _yaml_number_hint(value):
+    """YAML 1.1 (PyYAML) reads 1e-3 as text: say how to write it as a number."""
+    try:
+        float(value) if isinstance(value, str) else None
+    except ValueError:
+        return ""
+    return " (YAML reads %s as text: write it with a point, e.g. 1.0e-3)" % value if isinstance(value, str) else ""
+
+
+def _whole_numbers(path, space):
+    """JSON Schema's integer takes 20.0; Caffe's fields do not."""
+    for key in ("max_iter", "test_interval"):
+        value = (space.get("budget") or {}).get(key)
+        if isinstance(value, float):
+            raise SweepError("%s: budget.%s: expected an integer, got %r" % (path, key, value))
+    if isinstance(space.get("seed"), float):
+        raise SweepError("%s: seed: expected an integer, got %r" % (path, space["seed"]))
 
 
 # ---------------------------------------------------------------- reading a space
@@ -123,6 +143,7 @@ def parse_space(path):
     problem = schema_problem(path, space)
     if problem:
         raise SweepError(problem)
+    _whole_numbers(path, space)
     params = space.get("params") or {}
     for name, spec in params.items():
         _check_param(path, name, spec)
@@ -177,13 +198,19 @@ def _check_combinations(path, space):
 
 
 # ---------------------------------------------------------------- one study, one experiment
-def identity(space):
-    """What makes a study one experiment: the space's values and the data it runs on (the
-    manifest's fingerprint of the source images, not the LMDB's path, which may move)."""
+def identity(space, sampler=None, pruner=None):
+    """What makes a study one experiment: the space's values (a `log: false` as its absence; the
+    options of the pruner in use only), the sampler and pruner, and the data it runs on (the
+    manifest's fingerprint of the source images and the size they were made to, not the LMDB's
+    path, which may move)."""
     with open(os.path.join(space["lmdb_dir"], "manifest.json")) as f:
-        fingerprint = json.load(f).get("source_fingerprint")
-    kept = {key: space[key] for key in ("variants", "budget", "params", "pruner", "seed")}
-    return json.loads(json.dumps(dict(kept, data=fingerprint), sort_keys=True))  # what the storage gives back
+        manifest = json.load(f)
+    params = {name: {k: v for k, v in spec.items() if not (k == "log" and not v)}
+              for name, spec in space["params"].items()}
+    kept = {"variants": space["variants"], "budget": space["budget"], "params": params, "seed": space["seed"],
+            "sampler": sampler, "pruner": {pruner: space["pruner"].get(pruner)} if pruner else space["pruner"],
+            "data": manifest.get("source_fingerprint"), "image_size": (manifest.get("settings") or {}).get("size")}
+    return json.loads(json.dumps(kept, sort_keys=True))  # what the storage gives back
 
 
 def differences(stored, current, prefix=""):

@@ -90,6 +90,11 @@ def launch(args, argv, observer=None, stops=None):
         solver_file = os.path.join(run_dir, "solver.prototxt")
         record = runs.start_record(variant, argv, used, gpu, args.engine,
                                    _anneal_settings(args), net)
+        if not os.path.isfile(os.path.join(run_dir, "deploy.prototxt")):
+            print("[train] note: no deploy.prototxt beside %s, so this run has none: evaluate.py and make_submission.py "
+                  "need one (the same layers with an Input layer for the Data layers, and a Softmax `prob` for the "
+                  "loss and accuracy layers); tools/gen_prototxt.py writes one for its variants" % net_path,
+                  file=sys.stderr)
         record["data_segments"] = runs.add_data_segment(record, 0, runs.solver_count(gpu))
     command = (_binary_command(solver_file, gpu, state, args.weights) if args.engine == "binary"
                else _worker_command(run_dir, gpu, state, args.weights, record))
@@ -103,7 +108,8 @@ def launch(args, argv, observer=None, stops=None):
               file=sys.stderr)
         curves = live.LiveCurves(run_dir, runs.images_per_iteration(used, gpu),
                                  purge_step=runs.snapshot_iteration(state) if state else None,
-                                 warn=lambda message: print("[train] warning: " + message, file=sys.stderr))
+                                 warn=lambda message: print("[train] warning: " + message, file=sys.stderr),
+                                 aliases=runs.accuracy_aliases(run_dir))
         try:
             status, returncode, losses = _tee(command, log_path, record, run_dir, stops, curves, observer)
             if status == "finished" and args.engine == "binary" and not stops.stopping:
@@ -155,7 +161,7 @@ def _final_test(run_dir, used, gpu, log_path, stops, curves=None, observer=None)
     the final snapshot once more (the pycaffe worker, --test-only), so that every finished run
     ends with a val number at its last iteration. -> (status, returncode)."""
     last = runs.newest_snapshot_iteration(run_dir)
-    _, tests = caffelog.parse(log_path)
+    _, tests = caffelog.parse(log_path, runs.accuracy_aliases(run_dir))
     if not used.test_iter or not last or (tests and tests[-1]["NumIters"] >= last):
         return "finished", 0
     state = runs.newest_solverstate(run_dir)
@@ -171,6 +177,18 @@ def _child_env():
     env.setdefault("OPENBLAS_NUM_THREADS", OPENBLAS_THREADS)
     env.setdefault("OMP_NUM_THREADS", OPENBLAS_THREADS)
     return env
+
+
+def _child_setup(parent=None):
+    """preexec_fn for the child: stop signals ignored until it installs its own, and death with
+    its parent (checked once more after the prctl: a parent that died before it is seen)."""
+    parent = parent or os.getpid()
+
+    def setup():
+        _ignore_stop_signals()
+        if os.getppid() != parent:  # the parent died between the fork and the prctl
+            os._exit(1)
+    return setup
 
 
 def _ignore_stop_signals():
@@ -261,7 +279,7 @@ def _tee(command, log_path, record, run_dir, stops, curves=None, observer=None):
         # In the repo root: paths of runs made before tinycaffe wrote absolute ones (a solverstate's
         # learned_net among them) are relative to it; everything this side passes is absolute.
         proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, bufsize=1, env=_child_env(),
-                                preexec_fn=_ignore_stop_signals, cwd=REPO_ROOT)
+                                preexec_fn=_child_setup(), cwd=REPO_ROOT)
         stops.attach(proc)
         for line in proc.stderr:
             if not log.write(line) and proc.poll() is None:
@@ -356,7 +374,7 @@ def _finish(run_dir, record, status, returncode, losses, curves=None, argv=None)
     """The run's outputs (CSVs, curves.png, run.json) and its last words on the terminal. A run
     whose final weights or val outputs are not finite ends "diverged", whatever Caffe said."""
     log_path = os.path.join(run_dir, "caffe.log")
-    train, test = caffelog.parse(log_path)
+    train, test = caffelog.parse(log_path, runs.accuracy_aliases(run_dir))
     if status in ("finished", "interrupted"):
         late = _late_divergence(run_dir, test)
         if late is not None:
@@ -370,12 +388,19 @@ def _finish(run_dir, record, status, returncode, losses, curves=None, argv=None)
             curves.event("diverged", losses.first_bad, "diverged at iteration %d%s" % (
                 losses.first_bad, " (loss %s)" % losses.bad_value if losses.bad_value else ""))
     final = _final_numbers(run_dir, train, test, status, losses, kept)
+    recovered = [r["NumIters"] for r in test if _non_finite(r)
+                 and r["NumIters"] < (losses.first_bad if losses.first_bad is not None else math.inf)]
+    if recovered:  # a BatchNorm net tested before its first step: Caffe's 1.0 there is no accuracy
+        final["warnings"] = ["val tests at iteration(s) %s gave NaN or inf outputs (Caffe counts a NaN score as "
+                             "right: their accuracy is no number to read); the run came back from them"
+                             % ", ".join(map(str, recovered))]
     if losses.write_error:
         final["error"] = losses.write_error
     events = ([{"NumIters": losses.first_bad, "loss": caffelog.parse_float(losses.bad_value or "nan"),
                 "event": "diverged"}] if status == "diverged" and losses.first_bad is not None else [])
     try:
-        caffelog.write_outputs(log_path, run_dir, title="%s (%s)" % (record["variant"], run_dir), events=events)
+        caffelog.write_outputs(log_path, run_dir, title="%s (%s)" % (record["variant"], run_dir), events=events,
+                               aliases=runs.accuracy_aliases(run_dir))
     except OSError as exc:  # a full disk: run.json below matters more than the CSVs and the plot
         final.setdefault("error", "%s: %s" % (exc.filename or run_dir, exc.strerror or exc))
         status = "failed"
@@ -394,9 +419,7 @@ def _late_divergence(run_dir, test):
     weights that are not finite (they went bad after the last logged loss line). An earlier
     NaN test the run recovered from (a BatchNorm net's test before its first step, with
     statistics still zero) is no divergence."""
-    def bad(row):
-        return any(isinstance(v, float) and not math.isfinite(v) for k, v in row.items()
-                   if k not in ("NumIters", "Seconds", "LearningRate"))
+    bad = _non_finite
     trailing = []  # the tests from the last finite one on: the run never came back from the first of them
     for row in reversed(test):
         if not bad(row):
@@ -409,6 +432,12 @@ def _late_divergence(run_dir, test):
     if models and not runs.finite_weights(models[0]):
         return newest
     return None
+
+
+def _non_finite(row):
+    """A log row (caffelog.parse) with a NaN or infinite output."""
+    return any(isinstance(v, float) and not math.isfinite(v) for k, v in row.items()
+               if k not in ("NumIters", "Seconds", "LearningRate"))
 
 
 def _drop_bad_snapshots(run_dir, losses, log_path):
@@ -503,6 +532,8 @@ def _report(run_dir, record, status, final, losses, kept, argv, saved):
     if status == "interrupted" and argv and resume_command(argv, run_dir):
         print("[train] interrupted at iteration %d; continue it with: %s"
               % (final["iterations"], resume_command(argv, run_dir)), file=sys.stderr)
+    for warning in final.get("warnings", []):
+        print("[train] warning: " + warning, file=sys.stderr)
     if final.get("error"):
         print("[train] error: %s; run %s%s" % (final["error"], status,
                                                "" if saved else " (run.json could not be written either)"),
@@ -563,6 +594,7 @@ class Worker:
         else:
             caffe.set_mode_cpu()
         self.run_dir = run_dir
+        self.aliases = runs.accuracy_aliases(run_dir)  # its Accuracy outputs as accuracy_top1/top5
         self.param = runs.with_absolute_paths(
             runs.read_message(os.path.join(run_dir, "solver.prototxt"), caffe_pb2().SolverParameter()))
         self.anneal, self.patience, self.min_delta = anneal, patience, min_delta
@@ -621,10 +653,11 @@ class Worker:
             out = net.forward()
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        results = {k: v / self.param.test_iter[0] for k, v in sums.items()}
+        logged = {k: v / self.param.test_iter[0] for k, v in sums.items()}
         _log("Iteration %d, Testing net (#0)" % self.solver.iter)
-        for i, (k, v) in enumerate(results.items()):
+        for i, (k, v) in enumerate(logged.items()):  # the net's own names, as Caffe's Solver logs them
             _log("    Test net output #%d: %s = %g" % (i, k, v))
+        results = {self.aliases.get(k, k): v for k, v in logged.items()}
         self.last_test, self.tested_at = results, self.solver.iter
         return results
 
@@ -650,7 +683,7 @@ class Worker:
         """A resumed plateau run's best, waits and anneals as they stood at `iteration`: the val
         top-1 of every test up to it (caffe.log) through the same rule, so that it anneals where
         the uninterrupted run would."""
-        _, tests = caffelog.parse(os.path.join(self.run_dir, "caffe.log"))
+        _, tests = caffelog.parse(os.path.join(self.run_dir, "caffe.log"), self.aliases)
         self.best, self.waits, self.anneals = -1.0, 0, 0
         for row in tests:
             if row["NumIters"] <= iteration and "accuracy_top1" in row:

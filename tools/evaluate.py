@@ -40,7 +40,8 @@ def main(argv=None):
         evaluate.require_lmdb_kind(args.lmdb, "labelled", "evaluate.py")
         net = evaluate.load_net(args.deploy, args.weights, gpu)
         evaluate.check_classes(net, args.deploy, args.labels)
-        mean = evaluate.read_mean_for(args.mean, args.lmdb, evaluate.net_crop(net))
+        mean = evaluate.preprocessing(args.deploy, args.train_val, args.mean, args.mean_given, args.lmdb,
+                                      evaluate.net_crop(net))
         classes = evaluate.net_classes(net)
         total = data.lmdb_count(args.lmdb)
         with tqdm(total=total, unit="img", desc="evaluate", disable=args.quiet) as bar:
@@ -68,12 +69,14 @@ def main(argv=None):
             w.writerow([c, labels[c][0], labels[c][1], n, "" if acc is None else "%.4f" % acc])
     confused = evaluate.confusions(probs, y)
     result = {"deploy": args.deploy, "weights": args.weights, "lmdb": args.lmdb, "tta": args.tta, "images": len(y),
+              "preprocessing": mean.said,
               "top1": top1, "top5": top5, "images_per_second": len(y) / max(seconds, 1e-9),
               "confusions": [{"true": labels[t][0], "predicted": labels[p][0], "count": n}
                              for (t, p), n in confused]}
     write_text(os.path.join(out, "eval_%s.json" % args.tta), json.dumps(result, indent=2) + "\n")
     print("%s on %s (%d images, tta %s): top-1 %.4f  top-5 %.4f  (%.0f images/s)"
           % (args.weights, args.lmdb, len(y), args.tta, top1, top5, result["images_per_second"]))
+    print("preprocessing: %s" % mean.said)
     print("most confused (true -> predicted, count):")
     for (t, p), n in confused[:5]:
         print("  %s %s -> %s %s: %d" % (labels[t][0], labels[t][1], labels[p][0], labels[p][1], n))

@@ -23,6 +23,9 @@ def build_parser():
     p.add_argument("--to", dest="to_dir", metavar="DIR", default=None,
                    help="with --from: the new variant folder (e.g. prototxt/mine); its solver trains its own "
                         "train_val.prototxt and snapshots under runs/<name>/ (default: none)")
+    p.add_argument("--input-shape", default=None, metavar="C,H,W",
+                   help="with --check: the images a net's data layers give when neither their LMDB, their mean file "
+                        "nor a deploy net beside them says (default: those)")
     p.add_argument("--variants", default="all",
                    help="all, or comma-separated names from: %s (default all)" % ", ".join(nets.VARIANTS))
     p.add_argument("--out", default=gen.DEFAULT_OUT, help="output folder (default %s)" % gen.DEFAULT_OUT)
@@ -68,6 +71,18 @@ def _fail(message):
     return 1
 
 
+def _input_shape(text):
+    if text is None:
+        return None
+    try:
+        shape = [int(v) for v in text.split(",")]
+    except ValueError:
+        shape = []
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError("--input-shape %s: expected C,H,W, three integers >= 1 (e.g. 3,64,64)" % text)
+    return shape
+
+
 def _num_classes(args):
     if args.num_classes is not None:
         return args.num_classes
@@ -77,9 +92,9 @@ def _num_classes(args):
     return gen.DEFAULT_NUM_CLASSES
 
 
-def run_check(files, lmdb_dir):
+def run_check(files, lmdb_dir, input_shape=None):
     from tinycaffe import check
-    problems = check.check_files(files, lmdb_dir=lmdb_dir)
+    problems = check.check_files(files, lmdb_dir=lmdb_dir, input_shape=input_shape)
     for problem in problems:
         print("problem: " + problem, file=sys.stderr)
     print("%d file(s) checked, %d problem(s)" % (len(files), len(problems)))
@@ -90,7 +105,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         if args.check:
-            return run_check(args.check, args.lmdb_dir)
+            return run_check(args.check, args.lmdb_dir, _input_shape(args.input_shape))
         if args.from_dir or args.to_dir:
             if not (args.from_dir and args.to_dir):
                 return _fail("--from and --to go together (e.g. --from prototxt/tiny --to prototxt/mine)")

@@ -25,10 +25,16 @@ def build_parser():
                         "and final .caffemodel (default: use --model)")
     p.add_argument("--top", type=int, default=3, help="with --from-sweep: how many trials (default 3)")
     p.add_argument("--sweeps-root", default=None, help="with --from-sweep: where sweeps/<name>/ is (default sweeps/)")
-    p.add_argument("--storage", default=None, help="with --from-sweep: the study's RDB URL (default: its file journal)")
+    p.add_argument("--storage", default=None, help="with --from-sweep: the study's RDB URL (default: its file journal; "
+                                                   "$%s or --storage-file keep a password out of `ps`)"
+                                                   % sweep.STORAGE_ENV)
+    p.add_argument("--storage-file", default=None, help="with --from-sweep: a file (0600) holding the RDB URL "
+                                                        "(default: none)")
     p.add_argument("--weight", type=float, action="append",
                    help="weight of each --model in the average, in order (default: all equal)")
     evaluate.add_data_arguments(p, "test LMDB", evaluate.DEFAULT_TEST_LMDB)
+    p.add_argument("--train-val", default=None, help=evaluate.TRAIN_VAL_HELP.replace("the deploy file",
+                                                                                     "each deploy file"))
     p.add_argument("--tta", default="center", choices=evaluate.TTA_MODES, help="test-time augmentation (default center)")
     p.add_argument("--batch", type=int, default=evaluate.DEFAULT_BATCH,
                    help="images per forward (default %d)" % evaluate.DEFAULT_BATCH)
@@ -100,7 +106,8 @@ def check_val_lmdb(args, pairs, mean):
     if labels:
         for (net, _), (deploy, _) in zip(pairs, args.model):
             evaluate.check_classes(net, deploy, labels)
-    evaluate.read_mean_for(args.mean, args.val_lmdb, evaluate.net_crop(pairs[0][0]))
+    evaluate.ensemble_preprocessing([d for d, _ in args.model], args.train_val, args.mean, args.mean_given,
+                                    args.val_lmdb, evaluate.net_crop(pairs[0][0]))
 
 
 def validate(args, wnids, names):
@@ -132,8 +139,9 @@ def main(argv=None):
         if args.from_sweep:
             if args.model:
                 return fail("give --model pairs or --from-sweep NAME, not both")
+            storage = sweep.storage_url(args.storage, args.storage_file)
             args.model = [list(pair) for pair in sweep.best_models(args.from_sweep, args.top, args.sweeps_root,
-                                                                   args.storage)]
+                                                                   storage)]
             print("ensemble of the %d best trials of sweep %s: %s"
                   % (len(args.model), args.from_sweep, ", ".join(os.path.dirname(os.path.dirname(w))
                                                                  for _, w in args.model)))
@@ -143,7 +151,8 @@ def main(argv=None):
         if args.top5_csv:
             check_writable(args.top5_csv, "--top5-csv")
         pairs = load_models(args, gpu)
-        mean = evaluate.read_mean_for(args.mean, args.lmdb, evaluate.net_crop(pairs[0][0]))
+        mean = evaluate.ensemble_preprocessing([d for d, _ in args.model], args.train_val, args.mean, args.mean_given,
+                                               args.lmdb, evaluate.net_crop(pairs[0][0]))
         if args.val_lmdb:
             check_val_lmdb(args, pairs, mean)
         missing = submit.missing_names(names, args.lmdb)

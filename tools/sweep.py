@@ -68,7 +68,7 @@ def main(argv=None):
     if status == 0:
         print("[sweep] done%s; the ranked table: %s"
               % (" (this worker told %d trial(s))" % done if done else "",
-                 sweep.again_command("tools/sweep.py --report", name, args.root, args.storage_file, args.storage)),
+                 sweep.again_command("--report", name, args.root, args.storage_file, args.storage)),
               file=sys.stderr)
     return status
 

@@ -31,10 +31,12 @@ def build_parser(prog=None):
                    help="finished (complete or pruned) trials the study aims at, all workers together (default %d)"
                         % sweep.DEFAULT_TRIALS)
     p.add_argument("--storage", default=None,
-                   help="an Optuna RDB URL every node reaches (postgresql+psycopg2://USER@HOST/DB; a password in "
-                        "it is stored in the job script, mode 0700, and never printed; ~/.pgpass avoids it) "
+                   help="an Optuna RDB URL every node reaches (postgresql+psycopg2://USER@HOST/DB); the workers read "
+                        "it from sweeps/<name>/storage.url (mode 0600), it is in no job script and never printed; "
+                        "with a password, give it by --storage-file or $%s instead, out of `ps` "
                         "(default: the file journal in sweeps/<name>/, which must then be on a filesystem all nodes "
-                        "share, e.g. NFS)")
+                        "share, e.g. NFS)" % sweep.STORAGE_ENV)
+    p.add_argument("--storage-file", default=None, help="a file (0600) holding the RDB URL (default: none)")
     p.add_argument("--pruner", default=sweep.DEFAULT_PRUNER,
                    help="%s (default %s)" % (" | ".join(sweep.PRUNERS), sweep.DEFAULT_PRUNER))
     p.add_argument("--sampler", default=sweep.DEFAULT_SAMPLER,
@@ -69,6 +71,7 @@ def main(argv=None, prog=None):
     prog = prog or os.path.basename(sys.argv[0]) or "sweep_slurm.py"
     args = build_parser(prog).parse_args(argv)
     try:
+        args.storage = sweep.storage_url(args.storage, args.storage_file)
         path = slurm.write(args.space, name=args.name, root=args.root, tasks=args.tasks, max_running=args.max_running,
                            trials=args.trials, storage=args.storage, pruner=args.pruner, sampler=args.sampler,
                            device=args.device, cpus_per_task=args.cpus_per_task, mem=args.mem, time=args.time,
@@ -89,10 +92,9 @@ def main(argv=None, prog=None):
         print(path)
         return 0
     print("[sweep_slurm] submitted job %d (%d task(s)); watch: squeue -j %d; logs: %s/slurm-%d_*.out; the table: "
-          "tools/sweep.py --report %s%s%s" % (job, args.tasks, job, sweep_dir, job, name,
-                                             " --root %s" % shlex.quote(args.root) if args.root else "",
-                                             " --storage %s" % shlex.quote(slurm.masked(args.storage))
-                                             if args.storage else ""),
+          "%s" % (job, args.tasks, job, sweep_dir, job,
+                  sweep.again_command("--report", name, args.root,
+                                      os.path.join(sweep_dir, sweep.STORAGE_FILE) if args.storage else None)),
           file=sys.stderr)
     print(job)
     return 0
