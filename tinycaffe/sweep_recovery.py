@@ -6,7 +6,7 @@ heartbeat for GRACE_BEATS heartbeats. A lost trial is FAIL (never a result) and 
 queued again as a WAITING trial with the same values (Optuna's retry: the grid's point keeps
 its grid_id), so the study runs exactly the missing points, never a point twice.
 
-Heartbeats are Optuna's own protocol (optuna.storages BaseHeartbeat, fail_stale_trials,
+Heartbeats are Optuna's own protocol (BaseHeartbeat: record_heartbeat, _get_stale_trial_ids;
 get_heartbeat_thread): RDBStorage implements it; HeartbeatJournal implements it for the file
 journal, which Optuna does not. The Caffe child of a worker dies with it (train.py sets
 PR_SET_PDEATHSIG), and the lost trial's run.json is closed as failed.

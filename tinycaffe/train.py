@@ -447,26 +447,25 @@ def _drop_bad_snapshots(run_dir, losses, log_path):
     first_bad = losses.first_bad
     bound = losses.last_good if losses.last_good is not None else (first_bad - 1 if first_bad is not None else None)
     removed, kept = runs.drop_diverged_snapshots(run_dir, bound)
-    if removed:
-        try:
-            with open(log_path, "a") as log:
-                log.write(caffelog.glog_line("tinycaffe: removed %d snapshot file(s) with diverged weights: %s"
-                                             % (len(removed), ", ".join(os.path.basename(p) for p in removed)), "W"))
-        except OSError:
-            pass  # a full disk: the removal itself is what matters
+    _log_removed(log_path, removed, "with diverged weights")
     return kept
 
 
 def _drop_partial_snapshots(run_dir, log_path):
     """Delete the newest snapshot pairs that were not written whole; say so in the log."""
-    removed = runs.drop_partial_snapshots(run_dir)
-    if removed:
-        try:
-            with open(log_path, "a") as log:
-                log.write(caffelog.glog_line("tinycaffe: removed %d snapshot file(s) written incompletely: %s"
-                                             % (len(removed), ", ".join(os.path.basename(p) for p in removed)), "W"))
-        except OSError:
-            pass
+    _log_removed(log_path, runs.drop_partial_snapshots(run_dir), "written incompletely")
+
+
+def _log_removed(log_path, removed, why):
+    """A warning line in caffe.log naming the snapshot files removed, if any."""
+    if not removed:
+        return
+    try:
+        with open(log_path, "a") as log:
+            log.write(caffelog.glog_line("tinycaffe: removed %d snapshot file(s) %s: %s"
+                                         % (len(removed), why, ", ".join(os.path.basename(p) for p in removed)), "W"))
+    except OSError:
+        pass  # a full disk: the removal itself is what matters
 
 
 def _final_numbers(run_dir, train, test, status, losses, kept):
