@@ -4,6 +4,7 @@ Order of precedence: the CAFFE_BIN environment variable, then the location file
 that install_caffe.sh writes ($TINYCAFFE_HOME/caffe.env), then `caffe` on PATH.
 pycaffe itself is importable from the project's venv through a .pth file.
 """
+import functools
 import importlib
 import importlib.util
 import os
@@ -93,12 +94,14 @@ def caffe_pb2():
     return module
 
 
+@functools.lru_cache(maxsize=None)  # a build's answer: asked once per process (a sweep worker asks per trial)
 def registered_layer_types():
     """The layer types this Caffe build knows (ImageData and WindowData need OpenCV, which the
     tinycaffe build leaves out)."""
-    return set(import_caffe().layer_type_list())
+    return frozenset(import_caffe().layer_type_list())
 
 
+@functools.lru_cache(maxsize=None)
 def has_leveldb():
     """Whether libcaffe links LevelDB (the tinycaffe build: -DUSE_LEVELDB=OFF)."""
     import subprocess

@@ -160,12 +160,17 @@ def plot(train, test, path, title=""):
     os.replace(tmp, path)
 
 
-def write_outputs(log_path, out_dir, title="", events=(), aliases=None):
-    """train.csv, test.csv and curves.png for a log; returns (train rows, test rows). events: rows
-    the log's outputs do not carry (a divergence: {"NumIters", "loss", "event"}), added to train.csv
-    at their iteration (where a row of that iteration exists, its columns are filled in)."""
-    train, test = parse(log_path, aliases)
-    by_iteration = {r["NumIters"]: r for r in train}
+def write_outputs(log_path, out_dir, title=""):
+    """train.csv, test.csv and curves.png for a log; returns (train rows, test rows)."""
+    train, test = parse(log_path)
+    return write_rows(train, test, out_dir, title)
+
+
+def write_rows(train, test, out_dir, title="", events=()):
+    """train.csv, test.csv and curves.png from parsed rows; -> (train rows with the events, test rows).
+    events: rows the log's outputs do not carry (a divergence: {"NumIters", "loss", "event"}), added
+    to train.csv at their iteration (where a row of that iteration exists, its columns are filled in)."""
+    by_iteration = {r["NumIters"]: dict(r) for r in train}
     for event in events:
         row = by_iteration.setdefault(event["NumIters"], {"NumIters": event["NumIters"], "Seconds": "",
                                                           "LearningRate": math.nan})

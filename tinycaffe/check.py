@@ -73,19 +73,10 @@ def is_train_val(net):
 
 
 # ---------------------------------------------------------------- building (child process)
-def _datum_side(source):
-    """(channels, height, width) of the first Datum of an LMDB, or None when it cannot be read."""
-    try:
-        return fit.image_shape(source)
-    except Exception:
-        return None
-
-
 def layer_input_shape(layer, base, fallback=None):
     """(C, H, W) a data layer's images have, and where that comes from: its LMDB's first record, its
     mean file, else fallback (a deploy net's Input, --input-shape); (None, None) when unknown."""
-    source = fit.resolved_source(layer, base)
-    shape = _datum_side(source) if source and os.path.isdir(source) else None
+    shape = prechecks.readable_image_shape(fit.resolved_source(layer, base))
     if shape:
         return tuple(shape), None
     mean = fit.absolute(layer.transform_param.mean_file, base)
@@ -291,8 +282,8 @@ def input_fallback(path, parsed, input_shape=None):
     if input_shape:
         return list(input_shape), "--input-shape"
     folder = os.path.dirname(os.path.abspath(path))
-    candidates = [(p, m) for p, (kind, m) in parsed.items() if kind == "net" and not is_train_val(m)
-                  and os.path.dirname(os.path.abspath(p)) == folder]
+    candidates = [(p, m) for p, (kind, m) in ((p, v) for p, v in parsed.items() if not isinstance(v, CheckError))
+                  if kind == "net" and not is_train_val(m) and os.path.dirname(os.path.abspath(p)) == folder]
     beside = os.path.join(folder, "deploy.prototxt")
     if not candidates and os.path.isfile(beside):
         try:
@@ -316,17 +307,16 @@ def shapes_known(net, base, fallback):
 def check_files(paths, out=print, lmdb_dir=None, input_shape=None):
     """Check every file; print tables and problems; return the list of problems."""
     problems, nets, parsed = [], {}, {}
-    for path in paths:
+    for path in paths:  # all first: a net's input shape may come from a deploy net named after it
         try:
             parsed[path] = parse(path)
-        except CheckError:
-            pass
-    for path in paths:
-        try:
-            kind, message = parse(path)
         except CheckError as exc:
-            problems.append(str(exc))
+            parsed[path] = exc
+    for path in paths:
+        if isinstance(parsed[path], CheckError):
+            problems.append(str(parsed[path]))
             continue
+        kind, message = parsed[path]
         if kind == "solver":
             summary, found = check_solver(path, message)
             out(summary)

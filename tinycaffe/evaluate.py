@@ -262,7 +262,7 @@ def preprocessing(deploy, train_val, mean_path, mean_given, lmdb_path, crop):
         if mean_given:
             raise EvalError("--mean %s, but %s subtracts mean_value %s: drop --mean" % (
                 mean_path, where, ", ".join("%g" % v for v in tp.mean_value)))
-        channels = fit.image_shape(lmdb_path)[0] if fit.image_shape(lmdb_path) else len(tp.mean_value)
+        channels = shape[0] if shape else len(tp.mean_value)
         if len(tp.mean_value) not in (1, channels):
             raise EvalError("%s: %d mean_value entries for %d-channel images (Caffe takes 1 or one a channel)"
                             % (where, len(tp.mean_value), channels))

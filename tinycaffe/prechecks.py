@@ -170,16 +170,17 @@ def augmentation_problems(net, net_path, base):
     for layer in net.layer:
         if layer.type in TRANSFORMING_LAYER_TYPES and layer.HasField("transform_param"):
             source = fit.absolute(layer.data_param.source, base)
-            shape = _image_shape(source)
+            shape = readable_image_shape(source)
             problems.extend(augment.check_transform(layer.transform_param, "%s (layer '%s')" % (net_path, layer.name),
                                                     image_side=min(shape[1:]) if shape else None))
     return problems
 
 
-def _image_shape(source):
+def readable_image_shape(source):
+    """(C, H, W) of an LMDB's first record, or None when there is no readable LMDB there (yet)."""
     try:
-        return fit.image_shape(source) if os.path.isfile(os.path.join(source, "data.mdb")) else None
-    except data.DataError:
+        return fit.image_shape(source) if source and os.path.isfile(os.path.join(source, "data.mdb")) else None
+    except Exception:  # data.DataError, lmdb's own errors, a record that is no Datum
         return None
 
 

@@ -72,8 +72,7 @@ def launch(args, argv, observer=None, stops=None):
             # prechecks the run's net (LMDBs, mean, fit) as a new run's is checked
             solver_file = runs.continue_data_stream(run_dir, used, state, record["data_segments"])
         except OSError as exc:
-            raise runs.RunError("%s: cannot write the run directory (%s)"
-                                % (exc.filename or run_dir, exc.strerror or exc)) from exc
+            raise _unwritable(exc, run_dir) from exc
         record["resumes"].append({"at": runs.now(), "from": state, "command": argv})
         record["status"] = "running"
     else:
@@ -85,8 +84,7 @@ def launch(args, argv, observer=None, stops=None):
         try:
             used = runs.prepare(variant, solver_path, solver, net_path, net, run_dir, gpu)
         except OSError as exc:
-            raise runs.RunError("%s: cannot write the run directory (%s)"
-                                % (exc.filename or run_dir, exc.strerror or exc)) from exc
+            raise _unwritable(exc, run_dir) from exc
         solver_file = os.path.join(run_dir, "solver.prototxt")
         record = runs.start_record(variant, argv, used, gpu, args.engine,
                                    _anneal_settings(args), net)
@@ -117,6 +115,11 @@ def launch(args, argv, observer=None, stops=None):
             return _finish(run_dir, record, status, returncode, losses, curves, argv)
         finally:
             curves.close()
+
+
+def _unwritable(exc, run_dir):
+    """An OSError writing the run directory as the one-line RunError that names the path."""
+    return runs.RunError("%s: cannot write the run directory (%s)" % (exc.filename or run_dir, exc.strerror or exc))
 
 
 def _anneal_settings(args):
@@ -374,7 +377,8 @@ def _finish(run_dir, record, status, returncode, losses, curves=None, argv=None)
     """The run's outputs (CSVs, curves.png, run.json) and its last words on the terminal. A run
     whose final weights or val outputs are not finite ends "diverged", whatever Caffe said."""
     log_path = os.path.join(run_dir, "caffe.log")
-    train, test = caffelog.parse(log_path, runs.accuracy_aliases(run_dir))
+    aliases = runs.accuracy_aliases(run_dir)
+    train, test = caffelog.parse(log_path, aliases)
     if status in ("finished", "interrupted"):
         late = _late_divergence(run_dir, test)
         if late is not None:
@@ -399,8 +403,7 @@ def _finish(run_dir, record, status, returncode, losses, curves=None, argv=None)
     events = ([{"NumIters": losses.first_bad, "loss": caffelog.parse_float(losses.bad_value or "nan"),
                 "event": "diverged"}] if status == "diverged" and losses.first_bad is not None else [])
     try:
-        caffelog.write_outputs(log_path, run_dir, title="%s (%s)" % (record["variant"], run_dir), events=events,
-                               aliases=runs.accuracy_aliases(run_dir))
+        caffelog.write_rows(train, test, run_dir, title="%s (%s)" % (record["variant"], run_dir), events=events)
     except OSError as exc:  # a full disk: run.json below matters more than the CSVs and the plot
         final.setdefault("error", "%s: %s" % (exc.filename or run_dir, exc.strerror or exc))
         status = "failed"
