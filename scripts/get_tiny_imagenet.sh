@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Download the official tiny-imagenet-200.zip, check it, unzip it under DEST
-# (default data/), and print the next command.
+# (default data/), and print the next command. Offline: put the zip at
+# DEST/tiny-imagenet-200.zip first (it is used as it is), or set TINY_IMAGENET_URL.
 #
 #   scripts/get_tiny_imagenet.sh [DEST]
 #
@@ -11,6 +12,10 @@
 #                      set to "skip" for a zip you made yourself
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+case "${1:-}" in
+  -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -*) printf '[get_tiny_imagenet] error: unknown option %s (valid: DEST, --help)\n' "$1" >&2; exit 2 ;;
+esac
 DEST="${1:-$REPO/data}"
 URL="${TINY_IMAGENET_URL:-http://cs231n.stanford.edu/tiny-imagenet-200.zip}"
 MD5="${TINY_IMAGENET_MD5:-90528d7ca1a48142e341f4ef8d21d0de}"  # the official 248 MB zip
@@ -26,7 +31,8 @@ mkdir -p "$DEST"
 ZIP="$DEST/tiny-imagenet-200.zip"
 if [ ! -f "$ZIP" ]; then
   log "downloading $URL"
-  curl -fL --retry 3 -o "$ZIP.part" "$URL" || { rm -f "$ZIP.part"; die "download failed: $URL"; }
+  curl -fL --retry 3 --connect-timeout 20 -o "$ZIP.part" "$URL" || { rm -f "$ZIP.part"
+    die "download failed: $URL (offline, or the address moved?). Put tiny-imagenet-200.zip at $ZIP and run this again, or set TINY_IMAGENET_URL to a copy (file:///path/to/tiny-imagenet-200.zip works)"; }
   mv "$ZIP.part" "$ZIP"
 fi
 if [ "$MD5" != skip ]; then

@@ -102,3 +102,18 @@ def read_scalars(log_dir):
             for value in event.summary.value:
                 scalars.setdefault(value.tag, {})[event.step] = value.simple_value
     return scalars
+
+
+def wait_for_log(proc, runs_root, text, timeout=120):
+    """Block until the caffe.log of the one run under runs_root holds `text` (the terminal shows only
+    a progress line by default, so tests watch the run's log, as a user would with tail -f)."""
+    import glob
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        logs = glob.glob(os.path.join(str(runs_root), "*", "*", "caffe.log"))
+        if logs and text in open(logs[0], errors="replace").read():
+            return logs[0]
+        assert proc.poll() is None, "training ended before its log said %r" % text
+        time.sleep(0.05)
+    raise AssertionError("no %r in the run's caffe.log after %d s" % (text, timeout))

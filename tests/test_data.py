@@ -334,6 +334,16 @@ def test_get_tiny_imagenet_from_file_url(repo, dataset, tmp_path):
     assert not (dest / "tiny-imagenet-200").exists()
 
 
+def test_get_tiny_imagenet_offline_says_where_the_zip_goes(repo, tmp_path):
+    env = dict(os.environ, TINY_IMAGENET_URL="http://127.0.0.1:9/tiny-imagenet-200.zip")  # nothing listens
+    out = subprocess.run(["bash", "scripts/get_tiny_imagenet.sh", str(tmp_path)], cwd=repo, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert "Put tiny-imagenet-200.zip at %s/tiny-imagenet-200.zip" % tmp_path in last and "TINY_IMAGENET_URL" in last
+    assert not os.listdir(tmp_path)  # no partial download left
+
+
 def test_lmdb_info_prints_and_draws(repo, built, tmp_path):
     out, _ = built
     sheet = tmp_path / "sheet.png"
@@ -367,3 +377,13 @@ def test_manifest_pca_basis_is_the_train_pixels_colour_covariance(built):
     assert vectors[:, 0].sum() > 0  # the first axis (brightness, for natural images) points towards brighter
     with open(os.path.join(out, "manifest.json")) as f:
         assert json.load(f)["pca_bgr"] == basis
+
+
+def test_lmdb_info_on_an_empty_lmdb_is_one_line(repo, tmp_path):
+    import lmdb
+    lmdb.open(str(tmp_path / "empty_lmdb"), map_size=1 << 20).close()
+    run = subprocess.run([sys.executable, "tools/lmdb_info.py", str(tmp_path / "empty_lmdb")], cwd=repo,
+                         capture_output=True, text=True)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.strip() == "lmdb_info.py: error: %s is empty (no records): make_lmdb.py writes every split it " \
+                                 "lists" % (tmp_path / "empty_lmdb")

@@ -368,7 +368,8 @@ def test_visualize_refuses_a_mean_of_another_size(repo, trained, small_images, t
                str(tmp_path), "--lmdb", os.path.join(trained["lmdb"], "val_lmdb"), "--mean",
                os.path.join(small_images, "mean.binaryproto"))
     assert out.returncode == 1
-    assert "mean.binaryproto is 3x32x32 but the images of" in out.stderr and "are 3x64x64" in out.stderr
+    # The net's own preprocessing (its train_val's mean file), as evaluate.py uses: another mean is refused.
+    assert "was trained with mean file %s" % os.path.join(trained["lmdb"], "mean.binaryproto") in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
@@ -491,3 +492,23 @@ def test_mean_and_labels_default_to_the_ones_beside_the_lmdb(repo, trained, smal
     out = evaluate_x()
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "here" / "eval_center.json").is_file()  # --out relative to the user's directory
+
+
+def test_make_submission_quiet_prints_one_line(repo, trained, tmp_path):
+    args = ["--model", trained["deploy"], trained["w150"], *lmdb_args(trained, "test"), "--out"]
+    loud = tool(repo, "make_submission", *args, str(tmp_path / "a.txt"))
+    assert loud.returncode == 0 and "submission: 100%" in loud.stderr, loud.stderr
+    quiet = tool(repo, "make_submission", *args, str(tmp_path / "b.txt"), "--quiet")
+    assert quiet.returncode == 0 and quiet.stderr == "" and len(quiet.stdout.splitlines()) == 1
+    assert quiet.stdout.startswith("wrote %s: 120 lines" % (tmp_path / "b.txt"))
+    assert (tmp_path / "a.txt").read_text() == (tmp_path / "b.txt").read_text()
+
+
+def test_evaluate_out_that_is_a_file_is_refused_before_inference(repo, trained, tmp_path):
+    (tmp_path / "taken").write_text("mine")
+    out = tool(repo, "evaluate", "--deploy", trained["deploy"], "--weights", trained["w150"],
+               *lmdb_args(trained, "val"), "--out", str(tmp_path / "taken"), "--quiet")
+    assert out.returncode == 1 and "Traceback" not in out.stderr and out.stdout == ""
+    assert out.stderr.strip() == "evaluate.py: error: --out %s: a file, expected a folder for per_class_center.csv " \
+                                 "and eval_center.json" % (tmp_path / "taken")
+    assert (tmp_path / "taken").read_text() == "mine"

@@ -186,3 +186,25 @@ def test_from_to_rewrites_every_path_for_the_new_folder(repo, tmp_path):
         bad = run_tool(repo, *args)
         assert bad.returncode == 1 and needle in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_test_iter_and_classes_come_from_the_lmdb_dir(repo, tmp_path):
+    """test_iter covers the val LMDB of --lmdb-dir exactly once and the classes are its labels.txt's,
+    without --val-size or --labels; the flags still win."""
+    from conftest import make_sample_lmdbs
+    lmdb = make_sample_lmdbs(tmp_path, train=10, seed=3)  # 10 classes, 200 val images
+    out = run_tool(repo, "--variants", "tiny", "--out", str(tmp_path / "p"), "--lmdb-dir", lmdb, "--mode", "cpu")
+    assert out.returncode == 0, out.stderr
+    s = caffe_pb2().SolverParameter()
+    text_format.Merge((tmp_path / "p" / "tiny" / "solver.prototxt").read_text(), s)
+    net = caffe_pb2().NetParameter()
+    text_format.Merge((tmp_path / "p" / "tiny" / "train_val.prototxt").read_text(), net)
+    test_batch = net.layer[1].data_param.batch_size
+    assert s.test_iter[0] * test_batch == 200
+    assert [layer for layer in net.layer if layer.name == "fc_out"][0].inner_product_param.num_output == 10
+    out = run_tool(repo, "--variants", "tiny", "--out", str(tmp_path / "q"), "--lmdb-dir", lmdb, "--val-size", "300",
+                   "--num-classes", "7")
+    assert out.returncode == 0, out.stderr
+    s = caffe_pb2().SolverParameter()
+    text_format.Merge((tmp_path / "q" / "tiny" / "solver.prototxt").read_text(), s)
+    assert list(s.test_iter) == [3]

@@ -15,7 +15,7 @@ import pytest
 from google.protobuf import text_format
 from PIL import Image
 
-from conftest import make_sample_lmdbs
+from conftest import make_sample_lmdbs, wait_for_log
 from tinycaffe import caffelog, data, gen, runs, train
 from tinycaffe.caffe_env import caffe_pb2
 
@@ -327,11 +327,7 @@ def test_signal_snapshots_and_leaves_a_resumable_run(repo, lmdb_dir, tmp_path, t
     proc = subprocess.Popen(tool + [solver, "--gpu", "cpu", "--runs-root", str(tmp_path / "runs")],
                             cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    seen = ""
-    while "Iteration 20," not in seen:
-        line = proc.stderr.readline()
-        assert line, "training ended before iteration 20"
-        seen += line
+    wait_for_log(proc, tmp_path / "runs", "Iteration 20,")
     t0 = time.time()
     if whom == "group":
         os.killpg(proc.pid, sig)
@@ -570,3 +566,15 @@ def test_a_resumed_plateau_run_anneals_where_the_uninterrupted_one_does(repo, lm
     out = run(repo, TRAIN_PY + [solver, "--gpu", "cpu", "--resume", "--runs-root", str(tmp_path / "runs")] + flags)
     assert out.returncode == 0, out.stderr[-2000:]
     assert [it for it in anneal_iterations(run_dir) if it > 60] == [80, 100]
+
+
+def test_report_finds_runs_at_any_depth(repo, tmp_path):
+    """report.py lists runs nested as a sweep keeps them (sweeps/<name>/trial_<n>/) and deeper."""
+    for i, folder in enumerate(["tiny/20260101-000000", "sweeps/s/trial_0", "a/b/c/d"]):
+        os.makedirs(tmp_path / folder)
+        (tmp_path / folder / "run.json").write_text(json.dumps(
+            {"variant": "tiny", "status": "finished", "final": {"iterations": 10 + i, "best_accuracy_top1": 0.5}}))
+    out = run(repo, [sys.executable, "tools/report.py", str(tmp_path)])
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if "`tiny`" in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| a/b/c/d", "| sweeps/s/trial_0", "| tiny/20260101-000000"]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from conftest import make_sample_lmdbs
+from conftest import make_sample_lmdbs, wait_for_log
 from test_train import TRAIN_PY, TRAIN_SH, assert_rates_match_the_log, make_solver, only_run_dir, run, used_batch
 from tinycaffe import caffelog
 from tinycaffe.caffe_env import caffe_pb2
@@ -234,11 +234,7 @@ def test_a_resumed_run_shows_one_value_per_step_and_true_rates(repo, lmdb_dir, t
     solver = make_solver(lmdb_dir, tmp_path / "p", max_iter=80, test_interval=40, display=10, snapshot=0)
     proc = subprocess.Popen(tool + [solver, "--gpu", "cpu", "--runs-root", str(tmp_path / "runs")], cwd=repo,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    seen = ""
-    while "Iteration 50" not in seen:
-        line = proc.stderr.readline()
-        assert line, "training ended before iteration 50"
-        seen += line
+    wait_for_log(proc, tmp_path / "runs", "Iteration 50")
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C at ~50
     rest = proc.stderr.read()
     assert proc.wait() == 130

@@ -160,9 +160,10 @@ def plot(train, test, path, title=""):
     os.replace(tmp, path)
 
 
-def write_outputs(log_path, out_dir, title=""):
-    """train.csv, test.csv and curves.png for a log; returns (train rows, test rows)."""
-    train, test = parse(log_path)
+def write_outputs(log_path, out_dir, title="", aliases=None):
+    """train.csv, test.csv and curves.png for a log; returns (train rows, test rows). aliases: the
+    net's accuracy outputs by top_k (accuracy_aliases), as a run's own CSVs name them."""
+    train, test = parse(log_path, aliases)
     return write_rows(train, test, out_dir, title)
 
 
@@ -181,6 +182,32 @@ def write_rows(train, test, out_dir, title="", events=()):
     write_csv(test, os.path.join(out_dir, "test.csv"))
     plot(train, test, os.path.join(out_dir, "curves.png"), title)
     return train, test
+
+
+GLOG_PROBLEM = re.compile(r"^([FE])\d{4,8} [\d:.]+\s+\d+ ([^\]]+)\] (.*)")
+PYTHON_ERROR = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b(: .*)?$")
+
+
+def failure_cause(path):
+    """Why the Caffe process of a log stopped, in its own words, or None: its last fatal glog line
+    (a failed CHECK: "Check failed: ... (data_layer.cpp:45)"), else its last error line, else the
+    last line of a Python traceback (the pycaffe worker). tinycaffe's own lines are not causes."""
+    fatal = error = python = None
+    try:
+        with open(path, errors="replace") as f:
+            for line in f:
+                m = GLOG_PROBLEM.match(line)
+                if m and m.group(2).strip() != "tinycaffe":
+                    words = "%s (%s)" % (m.group(3).strip(), m.group(2).strip().split()[-1])
+                    if m.group(1) == "F":
+                        fatal = words
+                    else:
+                        error = words
+                elif PYTHON_ERROR.match(line.strip()):
+                    python = line.strip()
+    except OSError:
+        return None
+    return fatal or python or error
 
 
 def glog_line(message, level="I", where="tinycaffe"):

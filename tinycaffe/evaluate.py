@@ -315,6 +315,20 @@ def predict(nets_and_weights, lmdb_path, mean, tta="center", batch=DEFAULT_BATCH
     """Averaged probabilities of several (net, model weight) pairs over every record -> Predictions.
     mean: a Preprocess (or a mean array: minus it, scale 1). names: what to call each model in an
     error (its .caffemodel), default "model N"."""
+    side = fit.image_shape(lmdb_path)
+
+    def records():
+        for key, datum in data.iter_lmdb(lmdb_path):
+            yield key, datum.label, np.frombuffer(datum.data, np.uint8).reshape(datum.channels, datum.height,
+                                                                                datum.width)
+    return predict_images(nets_and_weights, records(), side[-1] if side else None, mean, tta, batch, progress,
+                          names, lmdb_path)
+
+
+def predict_images(nets_and_weights, records, side, mean, tta="center", batch=DEFAULT_BATCH, progress=None,
+                   names=None, where="the images"):
+    """predict() over (key, label, uint8 C x H x W array) records of side x side images (None: the
+    crop's side), e.g. image files decoded as make_lmdb.py decodes them (classify.py)."""
     check_batch(batch)
     nets = [n for n, _ in nets_and_weights]
     crop = net_crop(nets[0])
@@ -325,8 +339,7 @@ def predict(nets_and_weights, lmdb_path, mean, tta="center", batch=DEFAULT_BATCH
     if len(classes) != 1:
         raise EvalError("the models disagree on the class count: %s" % sorted(classes))
     pre = mean if isinstance(mean, Preprocess) else Preprocess(mean, 1.0, "")
-    side = fit.image_shape(lmdb_path)
-    offsets = crop_offsets(side[-1] if side else crop, crop, tta)
+    offsets = crop_offsets(side or crop, crop, tta)
     keys, labels = [], []
     per_model = [([], []) for _ in nets]  # (probs, scores) chunks
     t0 = time.time()
@@ -344,13 +357,12 @@ def predict(nets_and_weights, lmdb_path, mean, tta="center", batch=DEFAULT_BATCH
             progress(len(images))
 
     pending = []
-    for key, datum in data.iter_lmdb(lmdb_path):
-        chw = np.frombuffer(datum.data, np.uint8).reshape(datum.channels, datum.height, datum.width)
+    for key, label, chw in records:
         if pre.mean is not None and pre.mean.shape[1:] != (1, 1) and chw.shape != pre.mean.shape:
-            raise EvalError("%s: record %s is %s but the mean is %s" % (lmdb_path, key, chw.shape, pre.mean.shape))
+            raise EvalError("%s: record %s is %s but the mean is %s" % (where, key, chw.shape, pre.mean.shape))
         pending.append(pre.apply(chw))
         keys.append(key)
-        labels.append(datum.label)
+        labels.append(label)
         if len(pending) == batch:
             flush(pending)
             pending = []
@@ -360,7 +372,7 @@ def predict(nets_and_weights, lmdb_path, mean, tta="center", batch=DEFAULT_BATCH
     n_classes = classes.pop()
     if labels and max(labels) >= n_classes:
         raise EvalError("%s has labels up to %d but the models have %d class outputs: the LMDB comes from "
-                        "another dataset" % (lmdb_path, max(labels), n_classes))
+                        "another dataset" % (where, max(labels), n_classes))
     model_probs = [np.concatenate(p) if p else np.zeros((0, n_classes)) for p, _ in per_model]
     model_scores = [np.concatenate(s) if s else np.zeros((0, n_classes)) for _, s in per_model]
     for name, probs, scores in zip(names or ["model %d" % (i + 1) for i in range(len(nets))], model_probs,

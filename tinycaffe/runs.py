@@ -189,13 +189,16 @@ def newest_snapshot_iteration(run_dir):
     return max((snapshot_iteration(p) for p in files), default=0)
 
 
-def prepare(variant, solver_path, solver, net_path, net, run_dir, gpu):
+def prepare(variant, solver_path, solver, net_path, net, run_dir, gpu, overrides=None):
     """Create run_dir with the net (data paths made absolute, so the run works from any
-    directory), the deploy net beside it, and the solver as it will be used."""
+    directory), the deploy net beside it, and the solver as it will be used: with this run's
+    overrides (train.sh --max-iter ...) applied and named in both files' headers."""
+    overrides = overrides or {}
+    said = "# %s set on the command line for this run\n" % describe_overrides(overrides) if overrides else ""
     os.makedirs(os.path.join(run_dir, "snapshots"))
     run_net = os.path.join(run_dir, "train_val.prototxt")
     write_text(run_net, "# %s as used by this run (LMDB and mean paths made absolute)\n" % net_path
-               + text_format.MessageToString(net))
+               + (said if "batch_size" in overrides else "") + text_format.MessageToString(net))
     deploy = os.path.join(os.path.dirname(net_path), "deploy.prototxt")
     if os.path.isfile(deploy):
         shutil.copyfile(deploy, os.path.join(run_dir, "deploy.prototxt"))
@@ -208,8 +211,60 @@ def prepare(variant, solver_path, solver, net_path, net, run_dir, gpu):
     used.snapshot_after_train = True  # what makes Ctrl-C (Caffe's SIGINT "stop") leave a snapshot
     write_text(os.path.join(run_dir, "solver.prototxt"),
                "# %s as used by this run (net, snapshot_prefix, solver_mode rewritten)\n" % solver_path
-               + text_format.MessageToString(used))
+               + said + text_format.MessageToString(used))
     return used
+
+
+# ---------------------------------------------------------------- one run's overrides (train.sh --max-iter ...)
+OVERRIDE_FLAGS = {"max_iter": "--max-iter", "test_interval": "--test-interval", "batch_size": "--batch-size"}
+RESUMABLE_OVERRIDES = ("max_iter", "test_interval")  # a batch size changed mid-run would break the data stream
+
+
+def overrides_of(args):
+    """{field: value} of the override flags given (train.sh VARIANT --max-iter 100 ...)."""
+    return {field: getattr(args, field) for field in OVERRIDE_FLAGS if getattr(args, field, None) is not None}
+
+
+def apply_overrides(solver, net, overrides):
+    """The solver's max_iter/test_interval and the TRAIN Data layers' batch_size set in place."""
+    for field in ("max_iter", "test_interval"):
+        if field in overrides:
+            setattr(solver, field, overrides[field])
+    if "batch_size" in overrides:
+        layers = [layer for layer in net.layer if layer.type in DATA_LAYER_TYPES and _in_train_phase(layer)]
+        if not layers:
+            raise RunError("--batch-size: the net has no TRAIN-phase Data layer whose batch_size it could set")
+        for layer in layers:
+            layer.data_param.batch_size = overrides["batch_size"]
+
+
+def describe_overrides(overrides):
+    """'max_iter 100, batch_size 16' for a file header."""
+    return ", ".join("%s %s" % item for item in overrides.items())
+
+
+def override_resumed(run_dir, used, overrides, state):
+    """--max-iter/--test-interval on --resume: the run's solver.prototxt changed (and said so in its
+    header) before the run continues; --batch-size is refused, as is a max_iter already passed."""
+    if "batch_size" in overrides:
+        raise RunError("--batch-size cannot change on --resume (the TRAIN data stream continues exactly at the "
+                       "snapshot's batch size); start a new run to train with another batch size")
+    if not overrides:
+        return
+    at = snapshot_iteration(state)
+    if "max_iter" in overrides and overrides["max_iter"] <= at:
+        raise RunError("--max-iter %d: the run is already at iteration %d (its newest snapshot); give a larger one"
+                       % (overrides["max_iter"], at))
+    apply_overrides(used, None, overrides)
+    _rewrite_solver(run_dir, used, "# %s set by --resume at iteration %d\n" % (describe_overrides(overrides), at))
+
+
+def _rewrite_solver(run_dir, used, note):
+    """The run's solver.prototxt rewritten from `used`, its header kept and `note` added to it."""
+    path = os.path.join(run_dir, "solver.prototxt")
+    with open(path) as f:
+        header = "".join(line for line in f if line.startswith("#"))
+    write_text(path, header + note + text_format.MessageToString(used))
 
 
 def set_device(run_dir, used, gpu):
@@ -217,10 +272,7 @@ def set_device(run_dir, used, gpu):
     mode = used.GPU if gpu else used.CPU
     if used.solver_mode != mode:
         used.solver_mode = mode
-        path = os.path.join(run_dir, "solver.prototxt")
-        with open(path) as f:
-            header = "".join(line for line in f if line.startswith("#"))
-        write_text(path, header + "# solver_mode changed on resume\n" + text_format.MessageToString(used))
+        _rewrite_solver(run_dir, used, "# solver_mode changed on resume\n")
 
 
 def images_per_iteration(used, gpu, base=REPO_ROOT):
@@ -326,6 +378,19 @@ def accuracy_aliases(run_dir):
     except PrototxtError:
         return {}
     return caffelog.accuracy_aliases(net)
+
+
+def test_lmdb(run_dir):
+    """The LMDB the run's net tests on (its first TEST-phase Data layer's source, absolute), or None."""
+    try:
+        net = read_prototxt(os.path.join(run_dir, "train_val.prototxt"), caffe_pb2().NetParameter())
+    except (PrototxtError, OSError):
+        return None
+    for layer in net.layer:
+        phases = [rule.phase for rule in layer.include if rule.HasField("phase")]
+        if layer.type in DATA_LAYER_TYPES and caffe_pb2().TEST in phases and layer.data_param.source:
+            return fit.absolute(layer.data_param.source, REPO_ROOT)
+    return None
 
 
 def drop_partial_snapshots(run_dir):

@@ -11,12 +11,13 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
-from . import REPO_ROOT, caffelog, caffe_env, devices, live, repo_path, runs
+from . import REPO_ROOT, caffelog, caffe_env, devices, live, progress, repo_path, runs
 from .caffe_env import caffe_pb2
 from .files import write_text
 
@@ -54,6 +55,7 @@ def launch(args, argv, observer=None, stops=None):
     if args.weights:
         args.weights = os.path.abspath(args.weights)  # the child runs in the repo root
     runs_root = os.path.abspath(args.runs_root) if args.runs_root else repo_path(runs.DEFAULT_RUNS)
+    overrides = runs.overrides_of(args)
     state = None
     if args.resume:
         if args.run_dir:
@@ -66,6 +68,7 @@ def launch(args, argv, observer=None, stops=None):
         state = runs.newest_solverstate(run_dir)
         used = runs.read_message(os.path.join(run_dir, "solver.prototxt"), caffe_pb2().SolverParameter())
         try:
+            runs.override_resumed(run_dir, used, overrides, state)
             runs.set_device(run_dir, used, gpu)  # a run may continue on another device
             record["data_segments"] = runs.add_data_segment(record, runs.snapshot_iteration(state),
                                                             runs.solver_count(gpu))
@@ -74,20 +77,25 @@ def launch(args, argv, observer=None, stops=None):
         except OSError as exc:
             raise _unwritable(exc, run_dir) from exc
         record["resumes"].append({"at": runs.now(), "from": state, "command": argv})
+        if overrides:
+            record["resumes"][-1]["overrides"] = overrides
         record["status"] = "running"
     else:
         solver = runs.read_message(solver_path, caffe_pb2().SolverParameter())
         net_path, net = runs.precheck(solver, solver_path, base)
+        runs.apply_overrides(solver, net, overrides)
         run_dir = os.path.abspath(args.run_dir or runs.new_run_dir(variant, runs_root))
         if os.path.exists(run_dir) and os.listdir(run_dir):
             raise runs.RunError("--run-dir %s exists and is not empty (use --resume to continue it)" % run_dir)
         try:
-            used = runs.prepare(variant, solver_path, solver, net_path, net, run_dir, gpu)
+            used = runs.prepare(variant, solver_path, solver, net_path, net, run_dir, gpu, overrides)
         except OSError as exc:
             raise _unwritable(exc, run_dir) from exc
         solver_file = os.path.join(run_dir, "solver.prototxt")
         record = runs.start_record(variant, argv, used, gpu, args.engine,
                                    _anneal_settings(args), net)
+        if overrides:
+            record["overrides"] = overrides
         if not os.path.isfile(os.path.join(run_dir, "deploy.prototxt")):
             print("[train] note: no deploy.prototxt beside %s, so this run has none: evaluate.py and make_submission.py "
                   "need one (the same layers with an Input layer for the Data layers, and a Softmax `prob` for the "
@@ -102,19 +110,28 @@ def launch(args, argv, observer=None, stops=None):
             runs.save_record(run_dir, record)
         except OSError as exc:
             raise runs.RunError("%s: cannot write run.json (%s)" % (run_dir, exc.strerror or exc)) from exc
-        print("[train] run dir %s (%s, %s)" % (run_dir, args.engine, "gpu " + gpu if gpu else "cpu"),
+        verbose = getattr(args, "verbose", False)
+        print("[train] run dir %s (%s, %s)%s" % (run_dir, args.engine, "gpu " + gpu if gpu else "cpu",
+                                                 "" if verbose else "; Caffe's log: caffe.log there (--verbose shows it)"),
               file=sys.stderr)
+        start = runs.snapshot_iteration(state) if state else 0
         curves = live.LiveCurves(run_dir, runs.images_per_iteration(used, gpu),
-                                 purge_step=runs.snapshot_iteration(state) if state else None,
+                                 purge_step=start if state else None,
                                  warn=lambda message: print("[train] warning: " + message, file=sys.stderr),
                                  aliases=runs.accuracy_aliases(run_dir))
+        line = None if verbose else progress.ProgressLine(
+            record["variant"], used.max_iter, start, runs.images_per_iteration(used, gpu), runs.accuracy_aliases(run_dir))
         try:
-            status, returncode, losses = _tee(command, log_path, record, run_dir, stops, curves, observer)
+            status, returncode, losses = _tee(command, log_path, record, run_dir, stops, curves, observer, line)
             if status == "finished" and args.engine == "binary" and not stops.stopping:
-                status, returncode = _final_test(run_dir, used, gpu, log_path, stops, curves, observer)
+                status, returncode = _final_test(run_dir, used, gpu, log_path, stops, curves, observer, line)
+            if line is not None:
+                line.close()
             return _finish(run_dir, record, status, returncode, losses, curves, argv)
         finally:
             curves.close()
+            if line is not None:
+                line.close()
 
 
 def _unwritable(exc, run_dir):
@@ -159,7 +176,7 @@ def _worker_command(run_dir, gpu, state, weights, record):
     return cmd
 
 
-def _final_test(run_dir, used, gpu, log_path, stops, curves=None, observer=None):
+def _final_test(run_dir, used, gpu, log_path, stops, curves=None, observer=None, line=None):
     """Caffe's binary tests only at multiples of test_interval: when max_iter is not one, test
     the final snapshot once more (the pycaffe worker, --test-only), so that every finished run
     ends with a val number at its last iteration. -> (status, returncode)."""
@@ -171,7 +188,7 @@ def _final_test(run_dir, used, gpu, log_path, stops, curves=None, observer=None)
     command = [sys.executable, "-m", "tinycaffe.train", "--worker", run_dir, "--test-only", "--state", state]
     if gpu:  # one GPU is enough to test
         command += ["--gpu", "0" if gpu == "all" else gpu.split(",")[0]]
-    status, returncode, _ = _tee(command, log_path, None, run_dir, stops, curves, observer)
+    status, returncode, _ = _tee(command, log_path, None, run_dir, stops, curves, observer, line)
     return status, returncode
 
 
@@ -271,9 +288,10 @@ class Losses:
         self.write_error = None  # an OSError writing caffe.log (a full or read-only disk) stopped the run
 
 
-def _tee(command, log_path, record, run_dir, stops, curves=None, observer=None):
-    """Run the child, copy its log to log_path and the terminal (and its numbers to the live
-    curves), watch for divergence and anneals. -> (status, returncode, Losses)."""
+def _tee(command, log_path, record, run_dir, stops, curves=None, observer=None, line_out=None):
+    """Run the child, copy its log to log_path and to the terminal, or to the one progress line
+    line_out when given (and its numbers to the live curves), watch for divergence and anneals.
+    -> (status, returncode, Losses)."""
     losses = Losses()
     # Line-buffered: a run killed hard (SIGKILL, OOM) keeps every line Caffe wrote.
     log = _Log(log_path, losses)
@@ -287,7 +305,10 @@ def _tee(command, log_path, record, run_dir, stops, curves=None, observer=None):
         for line in proc.stderr:
             if not log.write(line) and proc.poll() is None:
                 proc.kill()  # nothing it logs or snapshots can be kept now
-            sys.stderr.write(line)
+            if line_out is None:
+                sys.stderr.write(line)
+            else:
+                line_out.feed(line)
             stops.forward()
             if curves is not None:
                 curves.feed(line)
@@ -540,10 +561,66 @@ def _report(run_dir, record, status, final, losses, kept, argv, saved):
         print("[train] error: %s; run %s%s" % (final["error"], status,
                                                "" if saved else " (run.json could not be written either)"),
               file=sys.stderr)
+    elif status == "failed":
+        _report_failure(run_dir, record)
+    elif status == "finished" and argv and argv[0] in ("train.sh", "train.py") and evaluate_command(run_dir):
+        print("[train] next: %s" % evaluate_command(run_dir), file=sys.stderr)
+
+
+def _report_failure(run_dir, record):
+    """A failed run's last lines: where the full log is, what to check, and last, the cause in
+    Caffe's own words (its failed CHECK with file and line) rather than only an exit status."""
+    log_path = os.path.join(run_dir, "caffe.log")
+    cause = caffelog.failure_cause(log_path)
+    code = record.get("caffe_exit_code")
+    print("[train] full log: %s; check the net, solver and data with: %s" % (
+        _from_cwd(log_path), _tool_command("gen_prototxt.py", "--check", _from_cwd(os.path.join(run_dir, "solver.prototxt")))),
+        file=sys.stderr)
+    status = ("killed by signal %d" % -code) if isinstance(code, int) and code < 0 else "exit status %s" % code
+    print("[train] error: Caffe stopped (%s): %s%s" % (status, cause or "it logged no reason; see the full log",
+                                                       _write_hint(cause, run_dir)), file=sys.stderr)
+
+
+# Caffe's words when writing a snapshot failed (io.cpp's WriteProtoToBinaryFile, the HDF5 writer).
+SNAPSHOT_WRITE_FAILED = ("SerializeToOstream", "Check failed: output", "H5Fcreate", "Couldn't open")
+
+
+def _write_hint(cause, run_dir):
+    """What a failed snapshot write means, with the run dir's free space: a full disk reads as a
+    failed CHECK in io.cpp, which says nothing of disks."""
+    if not cause or not any(words in cause for words in SNAPSHOT_WRITE_FAILED):
+        return ""
+    try:
+        free = shutil.disk_usage(run_dir).free / 2 ** 20
+    except OSError:
+        return "; writing a snapshot into %s failed" % run_dir
+    return ("; writing a snapshot into %s failed (%.0f MiB free there: disk full or read-only?)"
+            % (os.path.join(run_dir, "snapshots"), free))
+
+
+def _tool_command(tool, *args):
+    """A copyable command line for one of the repo's tools/ with the venv's python."""
+    front = [_from_cwd(sys.executable), _from_cwd(os.path.join(REPO_ROOT, "tools", tool))]
+    return " ".join(shlex.quote(part) for part in front + list(args))
+
+
+def evaluate_command(run_dir):
+    """The evaluate.py line for a run's newest weights on the val LMDB its net tests on, or None
+    (no deploy net, no snapshot, or no TEST-phase LMDB in its net)."""
+    deploy = os.path.join(run_dir, "deploy.prototxt")
+    newest = runs.newest_snapshot_iteration(run_dir)
+    models = glob.glob(os.path.join(glob.escape(run_dir), "snapshots", "*_iter_%d.caffemodel" % newest))
+    val = runs.test_lmdb(run_dir)
+    if not (os.path.isfile(deploy) and models and val):
+        return None
+    return _tool_command("evaluate.py", "--deploy", _from_cwd(deploy), "--weights", _from_cwd(models[0]),
+                         "--lmdb", _from_cwd(val))
 
 
 # Flags of a run that a resume does not take again (it continues the run dir's own).
-_NOT_RESUMED = {"--run-dir": 1, "--runs-root": 1, "--weights": 1, "--resume": 0}
+# The overrides are in the run's own solver and net by then.
+_NOT_RESUMED = {"--run-dir": 1, "--runs-root": 1, "--weights": 1, "--resume": 0,
+                "--max-iter": 1, "--test-interval": 1, "--batch-size": 1}
 
 
 def resume_command(argv, run_dir):

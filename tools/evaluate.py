@@ -16,8 +16,16 @@ from tinycaffe.caffe_env import CaffeNotFound  # noqa: E402
 from tinycaffe.files import atomic_open, write_text  # noqa: E402
 
 
+EXAMPLES = """examples:
+  %(prog)s --deploy runs/tiny/RUN/deploy.prototxt --weights runs/tiny/RUN/snapshots/tiny_iter_20000.caffemodel
+      val top-1/top-5 of one model (center crop)
+  %(prog)s --deploy D --weights W --lmdb data/lmdb/val_lmdb --tta 10crop
+      AlexNet's 10-crop test-time augmentation"""
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     evaluate.add_model_arguments(p, "labelled LMDB")
     p.add_argument("--tta", default="center", choices=evaluate.TTA_MODES,
                    help="test-time augmentation (default center)")
@@ -38,6 +46,10 @@ def main(argv=None):
         gpu = runs.parse_gpu(args.gpu, several=False)
         labels = data.read_labels(args.labels)
         evaluate.require_lmdb_kind(args.lmdb, "labelled", "evaluate.py")
+        out = args.out or evaluate.run_dir_of(args.weights)
+        if os.path.exists(out) and not os.path.isdir(out):  # before inference, not after it
+            raise evaluate.EvalError("--out %s: a file, expected a folder for per_class_%s.csv and eval_%s.json"
+                                     % (out, args.tta, args.tta))
         net = evaluate.load_net(args.deploy, args.weights, gpu)
         evaluate.check_classes(net, args.deploy, args.labels)
         mean = evaluate.preprocessing(args.deploy, args.train_val, args.mean, args.mean_given, args.lmdb,
@@ -58,22 +70,26 @@ def main(argv=None):
     # One model: rank its scores, as Caffe's Accuracy layer does in `caffe test`.
     scores = pred.model_scores[0]
     top1, top5 = evaluate.topk_accuracy(scores, y, 1), evaluate.topk_accuracy(scores, y, 5)
-    out = args.out or evaluate.run_dir_of(args.weights)
-    os.makedirs(out, exist_ok=True)
     per_class = evaluate.per_class_accuracy(scores, y, classes)
     csv_path = os.path.join(out, "per_class_%s.csv" % args.tta)
-    with atomic_open(csv_path, newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["class", "wnid", "words", "images", "top1"])
-        for c, n, acc in per_class:
-            w.writerow([c, labels[c][0], labels[c][1], n, "" if acc is None else "%.4f" % acc])
     confused = evaluate.confusions(probs, y)
     result = {"deploy": args.deploy, "weights": args.weights, "lmdb": args.lmdb, "tta": args.tta, "images": len(y),
               "preprocessing": mean.said,
               "top1": top1, "top5": top5, "images_per_second": len(y) / max(seconds, 1e-9),
               "confusions": [{"true": labels[t][0], "predicted": labels[p][0], "count": n}
                              for (t, p), n in confused]}
-    write_text(os.path.join(out, "eval_%s.json" % args.tta), json.dumps(result, indent=2) + "\n")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with atomic_open(csv_path, newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["class", "wnid", "words", "images", "top1"])
+            for c, n, acc in per_class:
+                w.writerow([c, labels[c][0], labels[c][1], n, "" if acc is None else "%.4f" % acc])
+        write_text(os.path.join(out, "eval_%s.json" % args.tta), json.dumps(result, indent=2) + "\n")
+    except OSError as exc:
+        print("evaluate.py: error: %s: cannot write the results (%s); top-1 %.4f top-5 %.4f"
+              % (exc.filename or out, exc.strerror or exc, top1, top5), file=sys.stderr)
+        return 1
     print("%s on %s (%d images, tta %s): top-1 %.4f  top-5 %.4f  (%.0f images/s)"
           % (args.weights, args.lmdb, len(y), args.tta, top1, top5, result["images_per_second"]))
     print("preprocessing: %s" % mean.said)

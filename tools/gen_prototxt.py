@@ -8,13 +8,20 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tinycaffe import augment, gen, nets, solver  # noqa: E402
+from tinycaffe import REPO_ROOT, augment, data, fit, gen, nets, solver  # noqa: E402
 from tinycaffe.caffe_env import CaffeNotFound  # noqa: E402
 from tinycaffe.files import PrototxtError  # noqa: E402
 
 
+EXAMPLES = """examples:
+  %(prog)s --lmdb-dir data/lmdb                      all variants into prototxt/ for make_lmdb.py's output
+  %(prog)s --from prototxt/tiny --to prototxt/mine   a copy of a variant to edit
+  %(prog)s --check prototxt/mine/solver.prototxt     check an edited variant with real Caffe"""
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", nargs="+", metavar="FILE",
                    help="check these prototxt files (net or solver) instead of generating")
     p.add_argument("--from", dest="from_dir", metavar="DIR", default=None,
@@ -52,10 +59,12 @@ def build_parser():
                    help="iterations between val tests (default: the schedule's, %s)"
                    % ", ".join("%s %d" % (k, v["test_interval"]) for k, v in solver.SCHEDULES.items()))
     p.add_argument("--num-classes", type=int, default=None,
-                   help="classes (default %d, or the line count of --labels)" % gen.DEFAULT_NUM_CLASSES)
+                   help="classes (default: the line count of --labels, else of labels.txt in --lmdb-dir, else %d)"
+                   % gen.DEFAULT_NUM_CLASSES)
     p.add_argument("--labels", default=None, help="labels.txt to take the class count from (default: none)")
-    p.add_argument("--val-size", type=int, default=gen.DEFAULT_VAL_SIZE,
-                   help="val images, so that test_iter covers val exactly once (default %d)" % gen.DEFAULT_VAL_SIZE)
+    p.add_argument("--val-size", type=int, default=None,
+                   help="val images, so that test_iter covers val exactly once (default: the record count of "
+                        "val_lmdb in --lmdb-dir, else %d)" % gen.DEFAULT_VAL_SIZE)
     p.add_argument("--augment", default=augment.DEFAULT_PRESET, choices=list(augment.PRESETS),
                    help="TRAIN augmentation: none (random crop), flip (+ mirror), colour (+ SSD's brightness/"
                         "contrast/saturation/hue distortion), scale (+ random-resized crop), full (all of them "
@@ -86,10 +95,27 @@ def _input_shape(text):
 def _num_classes(args):
     if args.num_classes is not None:
         return args.num_classes
-    if args.labels:
-        with open(args.labels) as f:
+    labels = args.labels or _in_lmdb_dir(args, "labels.txt")
+    if labels:
+        with open(labels) as f:
             return sum(1 for line in f if line.strip())
     return gen.DEFAULT_NUM_CLASSES
+
+
+def _val_size(args):
+    """--val-size, else the val LMDB's own record count (test_iter then covers it exactly once)."""
+    if args.val_size is not None:
+        return args.val_size
+    val = _in_lmdb_dir(args, "val_lmdb")
+    return data.lmdb_count(val) if val else gen.DEFAULT_VAL_SIZE
+
+
+def _in_lmdb_dir(args, name):
+    """name inside the --lmdb-dir given (repo-relative as written into the nets, or absolute), or None."""
+    if not args.lmdb_dir:
+        return None
+    path = os.path.join(fit.absolute(args.lmdb_dir, REPO_ROOT), name)
+    return path if os.path.exists(path) else None
 
 
 def run_check(files, lmdb_dir, input_shape=None):
@@ -123,10 +149,10 @@ def main(argv=None):
                             batch_size=args.batch_size,
                             schedule=args.schedule, solver=args.solver, mode=args.mode, max_iter=args.max_iter,
                             test_interval=args.test_interval,
-                            num_classes=_num_classes(args), val_size=args.val_size, seed=args.seed,
+                            num_classes=_num_classes(args), val_size=_val_size(args), seed=args.seed,
                             augment=args.augment)
         written = gen.generate(names, cfg)
-    except (ValueError, KeyError, OSError, CaffeNotFound, PrototxtError) as exc:
+    except (ValueError, KeyError, OSError, CaffeNotFound, PrototxtError, data.DataError) as exc:
         return _fail(str(exc).strip("'\""))
     for path in written:
         print("wrote " + path)

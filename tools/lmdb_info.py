@@ -18,8 +18,13 @@ DEFAULT_SHEET_N = 64  # records on the contact sheet
 CAPTION = 12  # pixels under each tile for its label
 
 
+EXAMPLES = """examples:
+  %(prog)s data/lmdb/val_lmdb --keys 3 --sheet val_sheet.png   record count, shapes, first keys, a contact sheet"""
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("lmdb", metavar="LMDB", help="e.g. data/lmdb/val_lmdb")
     p.add_argument("--keys", type=int, default=DEFAULT_KEYS, help="first keys to print (default %d)" % DEFAULT_KEYS)
     p.add_argument("--sheet", default=None, help="write a contact sheet PNG here (default: none)")
@@ -64,6 +69,10 @@ def main(argv=None):
         print("lmdb_info.py: error: %s" % exc, file=sys.stderr)
         return 1
     print("%s: %d records" % (args.lmdb, count))
+    if not count:
+        print("lmdb_info.py: error: %s is empty (no records): make_lmdb.py writes every split it lists" % args.lmdb,
+              file=sys.stderr)
+        return 1
     print("first keys: %s" % ", ".join(keys))
     for c, h, w, enc in sorted(shapes):
         print("datum: channels=%d height=%d width=%d encoded=%s" % (c, h, w, enc))

@@ -12,8 +12,13 @@ from tinycaffe import data  # noqa: E402
 from tinycaffe.caffe_env import CaffeNotFound  # noqa: E402
 
 
+EXAMPLES = """examples:
+  %(prog)s data/tiny-imagenet-200 data/lmdb   train/val/test LMDBs, mean.binaryproto, labels.txt, manifest.json"""
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data_dir", metavar="DATA_DIR", help="the tiny-imagenet-200 folder")
     p.add_argument("out_dir", metavar="OUT_DIR", help="where to write (e.g. data/lmdb); must not exist unless --force")
     p.add_argument("--workers", type=int, default=None,

@@ -18,8 +18,13 @@ DEFAULT_TEST = 20  # test images per class
 DEFAULT_SEED = 0  # decides every pixel
 
 
+EXAMPLES = """examples:
+  %(prog)s data/sample/tiny-imagenet-200   a 10-class dataset in the Tiny ImageNet layout"""
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir", metavar="OUT_DIR", help="directory to create (e.g. data/sample/tiny-imagenet-200)")
     p.add_argument("--classes", type=int, default=DEFAULT_CLASSES,
                    help="number of classes, 1..%d (default %d)" % (sample_data.MAX_CLASSES, DEFAULT_CLASSES))

@@ -10,14 +10,24 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from tinycaffe import data, evaluate, fit, runs, submit, sweep  # noqa: E402
 from tinycaffe.caffe_env import CaffeNotFound  # noqa: E402
 from tinycaffe.files import atomic_open  # noqa: E402
 
 
+EXAMPLES = """examples:
+  %(prog)s --model runs/tiny/RUN/deploy.prototxt runs/tiny/RUN/snapshots/tiny_iter_20000.caffemodel --out submission.txt
+      one model
+  %(prog)s --model D1 W1 --model D2 W2 --val-lmdb data/lmdb/val_lmdb --out submission.txt
+      an ensemble, with each model's val top-1 first
+  %(prog)s --validate submission.txt   check a file against the test LMDB"""
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", nargs=2, action="append", metavar=("DEPLOY", "WEIGHTS"),
                    help="a model to average (repeat for an ensemble)")
     p.add_argument("--from-sweep", metavar="NAME", default=None,
@@ -48,6 +58,7 @@ def build_parser():
                    help="write the file even when test images are missing from the LMDB (skipped by make_lmdb "
                         "--skip-bad); default: refuse")
     p.add_argument("--validate", metavar="FILE", default=None, help="check FILE instead of writing one")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, only the last line (default: show them)")
     return p
 
 
@@ -142,9 +153,10 @@ def main(argv=None):
             storage = sweep.storage_url(args.storage, args.storage_file)
             args.model = [list(pair) for pair in sweep.best_models(args.from_sweep, args.top, args.sweeps_root,
                                                                    storage)]
-            print("ensemble of the %d best trials of sweep %s: %s"
-                  % (len(args.model), args.from_sweep, ", ".join(os.path.dirname(os.path.dirname(w))
-                                                                 for _, w in args.model)))
+            if not args.quiet:
+                print("ensemble of the %d best trials of sweep %s: %s"
+                      % (len(args.model), args.from_sweep, ", ".join(os.path.dirname(os.path.dirname(w))
+                                                                     for _, w in args.model)))
         if not args.model or not args.out:
             return fail("give --model DEPLOY WEIGHTS (one or more) and --out FILE, or --validate FILE")
         check_writable(args.out, "--out")
@@ -163,8 +175,9 @@ def main(argv=None):
                 % (args.lmdb, len(missing), len(names), missing[0]))
         if args.val_lmdb:
             report_val(pairs, args, mean)
-        pred = evaluate.predict(pairs, args.lmdb, mean, args.tta, args.batch,
-                                names=[w for _, w in args.model])
+        with tqdm(total=data.lmdb_count(args.lmdb), unit="img", desc="submission", disable=args.quiet) as bar:
+            pred = evaluate.predict(pairs, args.lmdb, mean, args.tta, args.batch, progress=bar.update,
+                                    names=[w for _, w in args.model])
         test_names = [submit.name_of_key(k) for k in pred.keys]
         count = submit.write(args.out, test_names, [wnids[c] for c in pred.probs.argmax(1)], wnids)
         if args.top5_csv:

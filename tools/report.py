@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""A Markdown table of all runs under runs/: variant, status, iterations, wall time,
-best val top-1/top-5 and the paper's figure for that variant."""
+"""A Markdown table of all runs under a folder (runs/ by default; at any depth, so a sweep's
+trial folders too): variant, status, iterations, wall time, best val top-1/top-5 and the
+paper's figure for that variant."""
 import argparse
 import glob
 import json
@@ -9,12 +10,19 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tinycaffe import nets, runs  # noqa: E402
+from tinycaffe import nets, repo_path, runs  # noqa: E402
+
+
+EXAMPLES = """examples:
+  %(prog)s                       every run under runs/
+  %(prog)s sweeps/sample         the trials of a sweep (sweeps/<name>/trial_<n>/)"""
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("root", nargs="?", default=runs.DEFAULT_RUNS, help="runs folder (default %s)" % runs.DEFAULT_RUNS)
+    p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("root", nargs="?", default=repo_path(runs.DEFAULT_RUNS),
+                   help="folder searched at any depth for run directories (default: the repo's %s, where "
+                        "train.sh writes them)" % runs.DEFAULT_RUNS)
     return p
 
 
@@ -25,7 +33,7 @@ def _pct(value):
 def table(root):
     lines = ["| run | variant | status | iterations | wall time | best val top-1 | best val top-5 | paper top-1 |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
-    for path in sorted(glob.glob(os.path.join(root, "*", "*", "run.json"))):
+    for path in sorted(glob.glob(os.path.join(glob.escape(root), "**", "run.json"), recursive=True)):
         with open(path) as f:
             r = json.load(f)
         final = r.get("final", {})

@@ -14,8 +14,14 @@ from tinycaffe import data, runs, sweep, sweep_recovery  # noqa: E402
 from tinycaffe.caffe_env import CaffeNotFound  # noqa: E402
 
 
+EXAMPLES = """examples:
+  %(prog)s sweeps/sample.yaml --trials 8   eight trials of the space in sweeps/sample.yaml
+  %(prog)s --report sample                 the ranked trials of sweep 'sample'"""
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("space", metavar="SPACE", nargs="?", help="the search space, YAML or JSON (see sweeps/example.yaml)")
     p.add_argument("--name", default=None, help="study name (default: SPACE's file name without extension)")
     p.add_argument("--trials", type=int, default=sweep.DEFAULT_TRIALS,

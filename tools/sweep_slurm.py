@@ -17,8 +17,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tinycaffe import runs, slurm, sweep  # noqa: E402
 
 
+EXAMPLES = """examples:
+  %(prog)s sweeps/sample.yaml --tasks 4 --device gpu --submit   a Slurm job array of four workers"""
+
+
 def build_parser(prog=None):
-    p = argparse.ArgumentParser(prog=prog, description=__doc__)
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("space", metavar="SPACE", help="the search space, YAML or JSON (see sweeps/example.yaml)")
     p.add_argument("--name", default=None,
                    help="study and job name: a letter or digit, then letters, digits, '.', '_', '-' (default: SPACE's "

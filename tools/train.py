@@ -2,9 +2,10 @@
 """Train a variant (or any solver.prototxt) into a run directory: runs/<variant>/<timestamp>/
 with the exact solver and net used, caffe.log, snapshots, run.json, train/test CSVs and curves.png.
 
-The default engine is a pycaffe loop that adds --anneal plateau (divide the LR by 10 when val
-top-1 stalls: the paper's manual cuts, automated); --engine binary runs the real `caffe train`
-(what scripts/train.sh does)."""
+The terminal shows one progress line (iteration, loss, val top-1, images/s, ETA); Caffe's full
+log is in the run's caffe.log (--verbose shows it as it comes). Engines: `binary` runs the real
+`caffe train`; `pycaffe` is a loop over Caffe's solver that adds --anneal plateau (divide the LR
+by 10 when val top-1 stalls: the paper's manual cuts, automated)."""
 import argparse
 import os
 import sys
@@ -15,8 +16,26 @@ from tinycaffe import data, nets, runs, train  # noqa: E402
 from tinycaffe.caffe_env import CaffeNotFound  # noqa: E402
 
 
+EXAMPLES = """examples:
+  %(prog)s tiny --gpu cpu --max-iter 300            a short CPU run of the 'tiny' variant
+  %(prog)s alexnet_prelu --gpu 0                     the paper's best variant on GPU 0
+  %(prog)s prototxt/mine/solver.prototxt --gpu 0     an edited copy (gen_prototxt.py --from/--to)
+  %(prog)s alexnet_prelu --resume --max-iter 60000   continue the newest run, and train it longer"""
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError("expected a whole number >= 1, got '%s'" % text)
+    return value
+
+
 def build_parser(prog=None, default_engine="pycaffe"):
-    p = argparse.ArgumentParser(prog=prog, description=__doc__)
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", metavar="VARIANT|SOLVER",
                    help="a variant (%s) or a path to a solver.prototxt" % ", ".join(nets.VARIANTS))
     runs.add_gpu_argument(p, several=True)
@@ -27,6 +46,16 @@ def build_parser(prog=None, default_engine="pycaffe"):
     p.add_argument("--run-dir", default=None, help="run directory (default runs/<variant>/<timestamp>)")
     p.add_argument("--runs-root", default=None, help="where run directories go (default %s under the repo)"
                    % runs.DEFAULT_RUNS)
+    p.add_argument("--max-iter", type=positive_int, default=None,
+                   help="train this many iterations in all (this run's solver max_iter; with --resume, to "
+                        "extend a run) (default: the solver's)")
+    p.add_argument("--test-interval", type=positive_int, default=None,
+                   help="test on val every this many iterations (default: the solver's)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="images per TRAIN batch (the TRAIN Data layers'; new runs only) (default: the net's)")
+    p.add_argument("--verbose", action="store_true",
+                   help="stream Caffe's full log to the terminal (default: one progress line; the log is in the "
+                        "run's caffe.log)")
     p.add_argument("--engine", choices=("pycaffe", "binary"), default=default_engine,
                    help="pycaffe loop or the caffe binary (default %s)" % default_engine)
     p.add_argument("--anneal", choices=("step", "plateau"), default="step",

@@ -15,8 +15,14 @@ from tinycaffe import data, evaluate, runs, visualize  # noqa: E402
 from tinycaffe.caffe_env import CaffeNotFound  # noqa: E402
 
 
+EXAMPLES = """examples:
+  %(prog)s --deploy runs/tiny/RUN/deploy.prototxt --weights runs/tiny/RUN/snapshots/tiny_iter_20000.caffemodel
+      filters.png and feature maps of one val image"""
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     evaluate.add_model_arguments(p, "where the example image comes from")
     p.add_argument("--index", type=int, default=0, help="which record of --lmdb to show (default 0)")
     p.add_argument("--layers", type=int, default=2, help="conv layers whose maps are drawn (default 2)")
@@ -35,14 +41,15 @@ def main(argv=None):
         if os.path.isfile(args.labels):
             evaluate.check_classes(net, args.deploy, args.labels)
         crop = evaluate.net_crop(net)
-        mean = evaluate.read_mean_for(args.mean, args.lmdb, crop)
+        # the net's own TEST transform (its train_val: mean_file or mean_value, scale), as evaluate.py uses
+        pre = evaluate.preprocessing(args.deploy, args.train_val, args.mean, args.mean_given, args.lmdb, crop)
         records = list(data.iter_lmdb(args.lmdb, limit=args.index + 1))
         if len(records) <= args.index:
             raise evaluate.EvalError("--index %d: %s has only %d records" % (args.index, args.lmdb, len(records)))
         key, datum = records[args.index]
         chw = np.frombuffer(datum.data, np.uint8).reshape(datum.channels, datum.height, datum.width)
         y, x, _ = evaluate.crop_offsets(chw.shape[-1], crop, "center")[0]
-        image = (chw.astype(np.float32) - mean)[:, y:y + crop, x:x + crop]
+        image = pre.apply(chw)[:, y:y + crop, x:x + crop]
     except (evaluate.EvalError, data.DataError, runs.RunError, CaffeNotFound) as exc:
         print("visualize.py: error: %s" % exc, file=sys.stderr)
         return 1
