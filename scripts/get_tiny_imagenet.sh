@@ -6,7 +6,7 @@
 #   scripts/get_tiny_imagenet.sh [DEST]
 #
 # Environment:
-#   TINY_IMAGENET_URL  where to fetch from (default: the CS231n address below);
+#   TINY_IMAGENET_URL  where to fetch from (default: CS231n's, http://cs231n.stanford.edu/tiny-imagenet-200.zip);
 #                      file:// URLs work, e.g. for a local copy or a mirror
 #   TINY_IMAGENET_MD5  expected md5 of the zip (default: the official archive's);
 #                      set to "skip" for a zip you made yourself

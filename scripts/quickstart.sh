@@ -17,7 +17,7 @@ ITERS=600
 while [ $# -gt 0 ]; do
   case "$1" in
     --iters) ITERS="${2:?--iters needs a number}"; shift ;;
-    -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "quickstart.sh: error: unknown option '$1' (valid: --iters N, --help)" >&2; exit 2 ;;
   esac
   shift
@@ -100,7 +100,7 @@ cat <<EOF
   submission $RUN/submission.txt (validated; top-5 per image: $RUN/top5.csv)
   all output $LOG
 next:
-  scripts/train.sh $RUN/prototxt/tiny/solver.prototxt --gpu cpu --max-iter 1200 --runs-root $RUN/runs
+  scripts/train.sh $RUN/prototxt/tiny/solver.prototxt --gpu cpu --max-iter $((ITERS * 2)) --runs-root $RUN/runs
       train twice as long (the run dir's solver.prototxt records --max-iter)
   .venv/bin/python tools/classify.py $SAMPLE/test/images --model $RUN_DIR/deploy.prototxt $WEIGHTS --top 1
       classify any JPEG or PNG files

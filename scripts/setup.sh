@@ -93,6 +93,7 @@ ensure_service_packages() {
 }
 
 main() {
+  case "${1:-}" in -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
   ensure_venv
   ensure_service_packages
   ensure_python_deps

@@ -140,3 +140,11 @@ def test_augmentation_fields_are_checked_with_one_line_each(repo, tmp_path):
                for p in problems)
     assert any("random_resized_crop_param area is 0..1, expected 0 < min_area <= max_area <= 1" in p
                for p in problems)
+
+
+def test_an_empty_net_is_a_problem(repo, tmp_path):
+    """An empty file parses as an empty NetParameter: --check said "0 problem(s)" for it."""
+    (tmp_path / "train_val.prototxt").write_text("# nothing here\n")
+    out = run_check(repo, str(tmp_path / "train_val.prototxt"))
+    assert out.returncode == 1
+    assert "problem: %s: no layers (an empty or truncated file?)" % (tmp_path / "train_val.prototxt") in out.stderr

@@ -50,7 +50,8 @@ def test_val_jpegs_get_the_val_lmdbs_probabilities(model):
     dataset, lmdb, models = model
     val = os.path.join(lmdb, "val_lmdb")
     for chosen in (models[:1], models):  # one model, and the ensemble of two
-        found = classify.Classifier(chosen).probabilities(val_images(dataset))
+        found, kept = classify.Classifier(chosen).probabilities(val_images(dataset))
+        assert kept == val_images(dataset)
         nets = [(evaluate.load_net(d, w), 1.0) for d, w in chosen]
         pre = evaluate.ensemble_preprocessing([d for d, _ in chosen], None, os.path.join(lmdb, "mean.binaryproto"),
                                               False, val, evaluate.net_crop(nets[0][0]))
@@ -114,4 +115,22 @@ def test_bad_input_is_one_line(repo, model, tmp_path, case):
         chosen = [(shutil.copy(models[0][0], tmp_path / "m"), models[0][1])]
     out = classify_cli(repo, args + model_args(chosen))
     assert out.returncode == 1, out.stdout
-    assert len(out.stderr.strip().splitlines()) == 1 and expect in out.stderr, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert expect in lines[0], out.stderr
+    assert len(lines) == (2 if case == "not_an_image" else 1), out.stderr  # an unreadable image: + the count
+
+
+def test_a_bad_image_in_a_folder_spoils_nothing_else(repo, model, tmp_path):
+    dataset, _, models = model
+    shutil.copy(val_images(dataset)[0], tmp_path / "good.jpg")
+    (tmp_path / "bad.jpg").write_text("not a picture")
+    os.makedirs(tmp_path / "elsewhere")
+    shutil.copy(val_images(dataset)[1], tmp_path / "elsewhere" / "linked.jpg")
+    os.makedirs(tmp_path / "dir")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "dir" / "link")  # a symlinked subfolder is searched too
+    os.symlink(tmp_path / "dir", tmp_path / "dir" / "loop")  # and a loop ends
+    out = classify_cli(repo, [str(tmp_path / "dir"), str(tmp_path / "good.jpg"), str(tmp_path / "bad.jpg"),
+                              "--json"] + model_args(models[:1]))
+    assert out.returncode == 1
+    assert [os.path.basename(r["image"]) for r in json.loads(out.stdout)] == ["linked.jpg", "good.jpg"]
+    assert "bad.jpg" in out.stderr and "1 of 3 images could not be read" in out.stderr

@@ -384,6 +384,6 @@ def test_lmdb_info_on_an_empty_lmdb_is_one_line(repo, tmp_path):
     lmdb.open(str(tmp_path / "empty_lmdb"), map_size=1 << 20).close()
     run = subprocess.run([sys.executable, "tools/lmdb_info.py", str(tmp_path / "empty_lmdb")], cwd=repo,
                          capture_output=True, text=True)
-    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.returncode == 1 and "Traceback" not in run.stderr and run.stdout == ""
     assert run.stderr.strip() == "lmdb_info.py: error: %s is empty (no records): make_lmdb.py writes every split it " \
                                  "lists" % (tmp_path / "empty_lmdb")

@@ -512,3 +512,31 @@ def test_evaluate_out_that_is_a_file_is_refused_before_inference(repo, trained, 
     assert out.stderr.strip() == "evaluate.py: error: --out %s: a file, expected a folder for per_class_center.csv " \
                                  "and eval_center.json" % (tmp_path / "taken")
     assert (tmp_path / "taken").read_text() == "mine"
+
+
+def test_the_tools_default_to_the_lmdbs_the_model_was_trained_with(repo, trained, tmp_path):
+    """Without --lmdb, evaluate, visualize and make_submission read the val (test) LMDB named by the
+    train_val beside the deploy file, not the repo's data/lmdb (the newcomer's sample-data run)."""
+    with_flags = tool(repo, "evaluate", "--deploy", trained["deploy"], "--weights", trained["w150"],
+                      *lmdb_args(trained), "--quiet", "--out", str(tmp_path / "a"))
+    without = tool(repo, "evaluate", "--deploy", trained["deploy"], "--weights", trained["w150"], "--quiet",
+                   "--out", str(tmp_path / "b"))
+    assert without.returncode == 0, without.stderr
+    def accuracies(out):
+        return out.stdout.splitlines()[0].split(": top-1")[1].split("(")[0]
+    assert accuracies(without) == accuracies(with_flags)
+    assert os.path.join(trained["lmdb"], "val_lmdb") in without.stdout.splitlines()[0]
+    sub = tool(repo, "make_submission", "--model", trained["deploy"], trained["w150"], "--out",
+               str(tmp_path / "s.txt"), "--quiet")
+    assert sub.returncode == 0 and "120 lines" in sub.stdout, sub.stderr
+    pic = tool(repo, "visualize", "--deploy", trained["deploy"], "--weights", trained["w150"], "--out",
+               str(tmp_path / "v"))
+    assert pic.returncode == 0, pic.stderr
+    # A model away from its run dir, and no data/lmdb: one line naming the flag.
+    os.makedirs(tmp_path / "m")
+    shutil.copy(trained["deploy"], tmp_path / "m")
+    alone = tool(repo, "evaluate", "--deploy", str(tmp_path / "m" / "deploy.prototxt"), "--weights", trained["w150"])
+    if not os.path.isdir(os.path.join(repo, "data", "lmdb", "val_lmdb")):
+        assert alone.returncode == 1 and alone.stderr.strip() == (
+            "evaluate.py: error: %s: no such LMDB; give --lmdb (make_lmdb.py's val_lmdb)"
+            % os.path.join(repo, "data", "lmdb", "val_lmdb"))

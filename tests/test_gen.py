@@ -208,3 +208,22 @@ def test_test_iter_and_classes_come_from_the_lmdb_dir(repo, tmp_path):
     s = caffe_pb2().SolverParameter()
     text_format.Merge((tmp_path / "q" / "tiny" / "solver.prototxt").read_text(), s)
     assert list(s.test_iter) == [3]
+
+
+def test_an_lmdb_dir_that_does_not_exist_is_said(repo, tmp_path):
+    out = run_tool(repo, "--variants", "tiny", "--out", str(tmp_path / "p"), "--lmdb-dir", "data/no_such_lmdb")
+    assert out.returncode == 0
+    assert "note: --lmdb-dir data/no_such_lmdb does not exist (yet" in out.stderr and "200 classes" in out.stderr
+
+
+def test_an_lmdb_dir_relative_to_where_one_is(repo, tmp_path):
+    """From outside the repo, a relative --lmdb-dir that exists here (not under the repo root) is
+    written absolute, and its val count and classes are read."""
+    from conftest import make_sample_lmdbs
+    make_sample_lmdbs(tmp_path, train=4, seed=1)  # tmp_path/lmdb: 10 classes, 200 val
+    out = run_tool(repo, "--variants", "tiny", "--out", "p", "--lmdb-dir", "lmdb", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    net = caffe_pb2().NetParameter()
+    text_format.Merge((tmp_path / "p" / "tiny" / "train_val.prototxt").read_text(), net)
+    assert net.layer[0].data_param.source == str(tmp_path / "lmdb" / "train_lmdb")
+    assert [layer for layer in net.layer if layer.name == "fc_out"][0].inner_product_param.num_output == 10

@@ -45,7 +45,9 @@ def fed(tty):
     """A ProgressLine of 100 iterations x 10 images after LINES; -> (it, what it wrote)."""
     out = io.StringIO()
     line = progress.ProgressLine("tiny", 100, 0, images_per_iteration=10, aliases={"acc1": "accuracy_top1"},
-                                 stream=out, tty=tty)
+                                 stream=out, tty=tty, test_interval=20)
+    if line.bar is not None:  # redraw at every update, as a slow run does (the lines come seconds apart)
+        line.bar.mininterval, line.bar.miniters = 0, 0
     for text in LINES:
         line.feed(text)
     line.close()
@@ -58,8 +60,9 @@ def test_without_a_terminal_one_line_per_val_test():
     # Loss lines alone print nothing within HEARTBEAT_SECONDS; the val test prints one line with the
     # rate from the glog timestamps: 20 iterations x 10 images in 1 s.
     assert printed == ["[train] tiny iter 40/100 | loss 2.1 | val top-1 0.2500 | 200 img/s | ETA 0:00:03"]
-    assert line.rate == pytest.approx(40 * 10 / 2.2)  # the last loss line: 40 iterations in 2.2 s
-    assert line.eta() == pytest.approx((100 - 40) * 10 / line.rate)
+    # the last loss line: 40 iterations in 2.2 s, of which 0.1 s of val test; 3 tests to come (60, 80, 100)
+    assert line.rate == pytest.approx(40 * 10 / (2.2 - 0.1))
+    assert line.eta() == pytest.approx((100 - 40) * 10 / line.rate + 3 * 0.1)
 
 
 def test_on_a_terminal_a_bar_redrawn_in_place():
@@ -67,6 +70,9 @@ def test_on_a_terminal_a_bar_redrawn_in_place():
     assert "\r" in text and text.count("\n") == 1  # one line, redrawn; the newline when it closes
     last = text.rstrip("\n").split("\r")[-1]
     assert "40/100" in last and "val top-1 0.2500" in last and "loss 1.9" in last and "img/s" in last
+    # every drawing shows the loss of its own iteration, never the reading before it
+    drawn = [x for x in text.split("\r") if "/100" in x and "loss" in x]
+    assert any("20/100" in x for x in drawn) and all("20/100" not in x or "loss 2.1" in x for x in drawn), drawn
 
 
 def test_failure_cause_is_caffes_own_line(tmp_path):
@@ -127,7 +133,9 @@ def test_a_failing_run_ends_with_its_cause(repo, lmdb_dir, tmp_path, engine):
     assert lines[-1].startswith("[train] error: Caffe stopped") and \
         "Unknown learning rate policy: no_such_policy (sgd_solver.cpp:" in lines[-1], lines
     run_dir = run_dirs(tmp_path / "runs")[0]
-    assert "gen_prototxt.py --check %s" % os.path.join(run_dir, "solver.prototxt") in lines[-2]
+    # the net's files too: a solver's check builds no layer
+    assert "gen_prototxt.py --check %s" % " ".join(os.path.join(run_dir, f + ".prototxt")
+                                                  for f in ("train_val", "deploy", "solver")) in lines[-2]
     assert len(lines) <= 5, lines
 
 
@@ -164,6 +172,7 @@ def test_overrides_for_one_run_are_recorded(repo, lmdb_dir, tmp_path):
     again = train(repo, [solver, "--gpu", "cpu", "--runs-root", str(tmp_path / "runs"), "--resume",
                          "--max-iter", "60"])
     assert again.returncode == 0, again.stderr[-3000:]
+    assert "(binary, cpu, resuming from iteration 40)" in again.stderr.splitlines()[0]
     record = json.load(open(os.path.join(run_dir, "run.json")))
     assert record["final"]["iterations"] == 60 and record["resumes"][-1]["overrides"] == {"max_iter": 60}
     text_format.Merge(open(os.path.join(run_dir, "solver.prototxt")).read(), used)
@@ -171,9 +180,55 @@ def test_overrides_for_one_run_are_recorded(repo, lmdb_dir, tmp_path):
 
 
 @pytest.mark.parametrize("flag", ["--max-iter", "--test-interval", "--batch-size"])
-def test_overrides_must_be_positive(repo, flag):
-    out = train(repo, ["tiny", flag, "0"])
-    assert out.returncode == 2 and "expected a whole number >= 1, got '0'" in out.stderr
+@pytest.mark.parametrize("value", ["0", "99999999999", "-3"])
+def test_overrides_must_fit_caffes_int32(repo, flag, value):
+    out = train(repo, ["tiny", flag, value])
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "expected a whole number from 1 to 2147483647, got '%s'" % value in out.stderr
+
+
+def test_abbreviated_flags_are_refused(repo):
+    """The Ctrl-C resume command drops override flags by their full names: `--batch 16` would stay
+    in it and make the resume refuse (argparse takes prefixes unless told not to)."""
+    out = train(repo, ["tiny", "--batch", "16"])
+    assert out.returncode == 2 and "unrecognized arguments: --batch 16" in out.stderr
+
+
+def test_batch_size_changes_train_only_layers(repo):
+    from tinycaffe import runs
+    net = caffe_pb2().NetParameter()
+    text_format.Merge("""
+layer { name: "train" type: "Data" top: "data" top: "label" include { phase: TRAIN } data_param { batch_size: 32 } }
+layer { name: "val" type: "Data" top: "data" top: "label" exclude { phase: TRAIN } data_param { batch_size: 100 } }
+""", net)
+    runs.apply_overrides(caffe_pb2().SolverParameter(), net, {"batch_size": 8})
+    assert [layer.data_param.batch_size for layer in net.layer] == [8, 100]
+    shared = caffe_pb2().NetParameter()
+    text_format.Merge('layer { name: "both" type: "Data" top: "data" data_param { batch_size: 32 } }', shared)
+    with pytest.raises(runs.RunError, match="Data layer 'both' serves both phases"):
+        runs.apply_overrides(caffe_pb2().SolverParameter(), shared, {"batch_size": 8})
+
+
+def test_a_cause_from_an_earlier_segment_is_not_this_runs(tmp_path):
+    log = tmp_path / "caffe.log"
+    log.write_text(
+        "F1204 10:00:00.000000 1 syncedmem.cpp:71] Check failed: error == cudaSuccess (2 vs. 0)  out of memory\n"
+        "I1204 11:00:00.000000 9 tinycaffe] tinycaffe: /usr/bin/caffe train -solver s -snapshot x_iter_10.solverstate\n"
+        "I1204 11:00:01.000000 9 solver.cpp:218] Iteration 20 (1 iter/s, 1s/10 iters), loss = 2\n")
+    assert caffelog.failure_cause(str(log)) is None
+
+
+def test_weights_that_fit_no_layer_are_refused(repo, lmdb_dir, tmp_path):
+    from tinycaffe import runs
+    solver = make_solver(lmdb_dir, tmp_path / "p", max_iter=10, test_interval=10)
+    stranger = caffe_pb2().NetParameter()
+    stranger.layer.add(name="conv_elsewhere").blobs.add().data.extend([1.0])
+    (tmp_path / "stranger.caffemodel").write_bytes(stranger.SerializeToString())
+    out = train(repo, [solver, "--gpu", "cpu", "--runs-root", str(tmp_path / "runs"), "--weights",
+                       str(tmp_path / "stranger.caffemodel")])
+    assert out.returncode == 1 and "shares no layer name with the net" in out.stderr
+    assert "training would start from random weights" in out.stderr and not os.path.exists(tmp_path / "runs")
+    assert runs.layers_with_weights(str(tmp_path / "stranger.caffemodel")) == {"conv_elsewhere"}
 
 
 # ---------------------------------------------------------------- every tool's --help
@@ -193,3 +248,50 @@ def test_train_sh_help_names_its_own_default_engine(repo):
     out = train(repo, ["--help"])
     assert "(default binary)" in out.stdout and "default engine is a pycaffe" not in out.stdout.replace("\n", " ")
     assert "train.sh tiny --gpu cpu" in out.stdout
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_caffes_warnings_are_shown_on_their_own_line(tty):
+    out = io.StringIO()
+    line = progress.ProgressLine("tiny", 100, 0, images_per_iteration=10, stream=out, tty=tty)
+    warning = "W1204 10:00:00.000000 1 net.cpp:50] a layer Caffe warns about"
+    line.feed(LINES[0])
+    line.feed(warning + "\n")
+    line.feed("E1204 10:00:00.000000 1 io.cpp:80] an error Caffe logs and goes on\n")
+    line.feed("W1204 10:00:00.000000 1 tinycaffe] tinycaffe: our own, said again at the end\n")
+    line.close()
+    shown = [x.split("\r")[-1] for x in out.getvalue().splitlines()]
+    assert warning in shown and not any("our own" in x for x in shown)
+    assert "E1204 10:00:00.000000 1 io.cpp:80] an error Caffe logs and goes on" in shown
+
+
+@pytest.mark.parametrize("rows, columns", [(0, 0), (0, 100)])
+def test_a_terminal_nobody_sized_still_shows_the_bar(rows, columns):
+    """A pty of 0 x 0 (docker -t, script(1) without a size), or one with columns but no rows
+    (`stty cols 100`): tqdm would draw nothing at all."""
+    import fcntl
+    import struct
+    import termios
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+    stream = os.fdopen(slave, "w")
+    line = progress.ProgressLine("tiny", 100, 0, images_per_iteration=10, aliases={"acc1": "accuracy_top1"},
+                                 stream=stream)
+    assert line.tty and progress._size(stream) == (columns, rows)
+    for text in LINES:
+        line.feed(text)
+    line.close()
+    stream.close()
+    import select
+    chunks = []  # a pty hands its bytes over in pieces
+    while select.select([master], [], [], 0.5)[0]:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the other end is closed and drained
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    shown = b"".join(chunks).decode(errors="replace")
+    os.close(master)
+    assert "40/100" in shown and "val top-1 0.2500" in shown

@@ -63,6 +63,9 @@ def test_two_workers_share_a_file_study(repo, lmdb_dir, tmp_path):
     assert len(points) == len({grid_id for grid_id, _ in points}) == 4, sorted(points)
     states = {t.state.name for t in finished}
     assert states == {"COMPLETE", "PRUNED"}, [(t.params, t.state.name, t.intermediate_values) for t in trials]
+    # The terminal says which trial a progress line is of, and that the pruner stopped one.
+    said = err + second.stderr
+    assert "[train] trial " in said and "stopped by the sweep's pruner after" in said, said[-3000:]
     for t in finished:
         run_dir = t.user_attrs["run_dir"]
         assert run_dir == os.path.join(str(root), "space", "trial_%d" % t.number)

@@ -578,3 +578,11 @@ def test_report_finds_runs_at_any_depth(repo, tmp_path):
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if "`tiny`" in line]
     assert [r.split(" | ")[0] for r in rows] == ["| a/b/c/d", "| sweeps/s/trial_0", "| tiny/20260101-000000"]
+
+
+def test_report_follows_no_symlink_loop(repo, tmp_path):
+    os.makedirs(tmp_path / "tiny" / "a")
+    (tmp_path / "tiny" / "a" / "run.json").write_text(json.dumps({"variant": "tiny", "status": "finished", "final": {}}))
+    os.symlink("..", tmp_path / "tiny" / "loop")
+    out = run(repo, [sys.executable, "tools/report.py", str(tmp_path)])
+    assert out.returncode == 0 and out.stdout.count("`tiny`") == 1, out.stdout

@@ -436,3 +436,31 @@ def test_only_a_run_that_ends_non_finite_is_diverged(tmp_path):
     assert train._late_divergence(str(tmp_path), rows(nan, ok, ok)) is None
     assert train._late_divergence(str(tmp_path), rows(ok, nan, nan)) == 20
     assert train._late_divergence(str(tmp_path), rows(nan, ok, nan)) == 40
+
+
+# ---------------------------------------------------------------- issue 24: a copy pointed at other LMDBs by hand
+def test_a_copy_pointed_at_other_lmdbs_is_told_what_to_edit(repo, lmdb_dir, tmp_path):
+    """The newcomer's route: a --from/--to copy of a 200-class variant, its data paths edited to the
+    10-class sample. --check and the run name the classifier layer to edit and the test_iter that
+    covers the val LMDB once (it read 10,000 images a test, 50 passes over 200), each said once."""
+    copy = os.path.join(repo, "prototxt", "zz_test_copy")
+    shutil.rmtree(copy, ignore_errors=True)
+    try:
+        out = run(repo, [sys.executable, "tools/gen_prototxt.py", "--from", "prototxt/tiny", "--to", copy])
+        assert out.returncode == 0, out.stderr
+        net = os.path.join(copy, "train_val.prototxt")
+        text = open(net).read()
+        open(net, "w").write(text.replace("data/lmdb/", lmdb_dir.rstrip("/") + "/"))
+        files = [os.path.join(copy, f + ".prototxt") for f in ("train_val", "deploy", "solver")]
+        check = run(repo, [sys.executable, "tools/gen_prototxt.py", "--check"] + files)
+        problems = [x for x in check.stderr.splitlines() if x.startswith("problem: ")]
+        assert check.returncode == 1 and len(problems) == 2, check.stderr
+        assert "set num_output: 10 in layer 'fc_out' (train_val and deploy), or regenerate" in problems[0]
+        assert "test_iter 100 x TEST batch 100 = 10000 images, but %s holds 200" % os.path.join(
+            lmdb_dir, "val_lmdb") in problems[1] and problems[1].endswith("set test_iter: 2")
+        trained = run(repo, ["bash", "scripts/train.sh", files[2], "--gpu", "cpu", "--runs-root",
+                             str(tmp_path / "runs")])
+        assert trained.returncode == 1 and "set num_output: 10 in layer 'fc_out'" in trained.stderr
+        assert "and 1 more problem" in trained.stderr and not os.path.exists(tmp_path / "runs")
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)

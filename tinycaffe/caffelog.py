@@ -185,17 +185,22 @@ def write_rows(train, test, out_dir, title="", events=()):
 
 
 GLOG_PROBLEM = re.compile(r"^([FE])\d{4,8} [\d:.]+\s+\d+ ([^\]]+)\] (.*)")
+CHILD_STARTED = re.compile(r"\] tinycaffe: /\S+")  # the train tool's line with the command of a child it starts
 PYTHON_ERROR = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b(: .*)?$")
 
 
 def failure_cause(path):
     """Why the Caffe process of a log stopped, in its own words, or None: its last fatal glog line
     (a failed CHECK: "Check failed: ... (data_layer.cpp:45)"), else its last error line, else the
-    last line of a Python traceback (the pycaffe worker). tinycaffe's own lines are not causes."""
+    last line of a Python traceback (the pycaffe worker), said after the last child started (the
+    train tool's command line). tinycaffe's own lines are not causes."""
     fatal = error = python = None
     try:
         with open(path, errors="replace") as f:
             for line in f:
+                if CHILD_STARTED.search(line):  # a resume appends to the log: only this child's words count
+                    fatal = error = python = None
+                    continue
                 m = GLOG_PROBLEM.match(line)
                 if m and m.group(2).strip() != "tinycaffe":
                     words = "%s (%s)" % (m.group(3).strip(), m.group(2).strip().split()[-1])

@@ -267,11 +267,14 @@ def check_solver(path, message):
     """The solver's summary line, and the problems a run's pre-check finds in it and in the net it
     names (its data, fit and augmentation: the same list, prechecks.all_problems)."""
     problems, _, _ = prechecks.all_problems(message, path, fit.base_for(path), need_data=False)
-    steps = ("stepvalue %s" % ",".join(map(str, message.stepvalue)) if message.lr_policy == "multistep"
-             else "stepsize %d" % message.stepsize)
-    summary = ("%s: solver %s, base_lr %g, lr_policy %s (%s, gamma %g), max_iter %d, %s mode"
+    steps = ("stepvalue %s, gamma %g" % (",".join(map(str, message.stepvalue)), message.gamma)
+             if message.lr_policy == "multistep" else "to min_lr %g" % getattr(message, "min_lr", 0)
+             if message.lr_policy == "cosine" else "stepsize %d, gamma %g" % (message.stepsize, message.gamma))
+    warmup = getattr(message, "warmup_iter", 0)
+    summary = ("%s: solver %s, base_lr %g, lr_policy %s (%s%s), max_iter %d, %s mode"
                % (path, message.type or "SGD", message.base_lr, message.lr_policy, steps,
-                  message.gamma, message.max_iter, "GPU" if message.solver_mode == 1 else "CPU"))
+                  ", warmup %d" % warmup if warmup else "", message.max_iter,
+                  "GPU" if message.solver_mode == 1 else "CPU"))
     return summary, problems
 
 
@@ -343,7 +346,13 @@ def check_files(paths, out=print, lmdb_dir=None, input_shape=None):
                 nets[path] = (is_train_val(message), info)
         for note in notes:
             out("  note: " + note)
-    problems = list(dict.fromkeys(problems))  # a net checked on its own and through its solver: said once
+    # a net checked on its own and through its solver (which names it by its absolute path): said once
+    cwd, seen, unique = os.getcwd() + os.sep, set(), []
+    for problem in problems:
+        if problem.replace(cwd, "") not in seen:
+            seen.add(problem.replace(cwd, ""))
+            unique.append(problem)
+    problems = unique
     by_dir = {}
     for path, (tv, info) in nets.items():
         by_dir.setdefault(os.path.dirname(os.path.abspath(path)), {})["train_val" if tv else "deploy"] = (path, info)

@@ -12,8 +12,6 @@ import os
 import numpy as np
 
 from . import data, evaluate, fit
-from .caffe_env import caffe_pb2
-from .files import PrototxtError, read_prototxt
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 DEFAULT_TOP = 5  # classes listed per image
@@ -28,8 +26,7 @@ def image_paths(inputs):
     found = []
     for item in inputs:
         if os.path.isdir(item):
-            inside = sorted(os.path.join(folder, name) for folder, _, names in os.walk(item) for name in names
-                            if name.lower().endswith(IMAGE_SUFFIXES))
+            inside = sorted(_images_under(item))
             if not inside:
                 raise ClassifyError("%s: no JPEG or PNG files in this folder (expected %s)"
                                     % (item, ", ".join(IMAGE_SUFFIXES)))
@@ -41,21 +38,32 @@ def image_paths(inputs):
     return found
 
 
+def _images_under(top):
+    """JPEG/PNG files below a folder, symlinked folders followed once (a link loop is no endless walk)."""
+    seen = set()
+    for folder, subfolders, names in os.walk(top, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        for name in names:
+            if name.lower().endswith(IMAGE_SUFFIXES):
+                yield os.path.join(folder, name)
+
+
 def data_lmdb(deploy, train_val, lmdb):
     """The LMDB that says the images' side and the classes: --lmdb, else the TEST LMDB of the net's
     train_val (beside the deploy file, as in a run dir). ClassifyError when there is none."""
     if lmdb:
+        if os.path.isdir(os.path.join(lmdb, "val_lmdb")):  # make_lmdb.py's folder rather than its val_lmdb
+            return os.path.join(lmdb, "val_lmdb")
+        if not os.path.isfile(os.path.join(lmdb, "data.mdb")):
+            raise ClassifyError("--lmdb %s: no such LMDB (expected make_lmdb.py's val_lmdb, or its folder)" % lmdb)
         return lmdb
-    path = train_val or os.path.join(os.path.dirname(os.path.abspath(deploy)), "train_val.prototxt")
-    try:
-        net = read_prototxt(path, caffe_pb2().NetParameter())
-    except (PrototxtError, OSError):
-        net = None
-    for layer in net.layer if net else []:
-        if layer.type == "Data" and any(rule.phase == caffe_pb2().TEST for rule in layer.include):
-            source = fit.absolute(layer.data_param.source, fit.base_for(path))
-            if os.path.isdir(source):
-                return source
+    source = evaluate.trained_lmdb(deploy, train_val)
+    if source and os.path.isdir(source):
+        return source
     raise ClassifyError("%s: no train_val.prototxt beside it naming a val LMDB that exists here; give --lmdb "
                         "(make_lmdb.py's val_lmdb: its labels.txt, mean and image size are the model's)" % deploy)
 
@@ -82,26 +90,31 @@ class Classifier:
         shape = fit.image_shape(self.lmdb)
         self.side = shape[-1] if shape else evaluate.net_crop(self.nets[0][0])
 
-    def probabilities(self, paths, batch=evaluate.DEFAULT_BATCH, progress=None):
-        """The ensemble's averaged softmax for each image, in order (images x classes)."""
+    def probabilities(self, paths, batch=evaluate.DEFAULT_BATCH, progress=None, failed=None):
+        """The ensemble's averaged softmax for each image that decodes (images x classes), and the
+        paths they are of. An image that does not decode is skipped; failed (a list) gets its message."""
         def records():
             for path in paths:
                 try:
                     raw, _, _ = data.decode_bgr_chw(path, self.side)
                 except data.DataError as exc:
-                    raise ClassifyError(str(exc)) from exc
+                    if failed is None:
+                        raise ClassifyError(str(exc)) from exc
+                    failed.append(str(exc))
+                    continue
                 yield path, -1, np.frombuffer(raw, np.uint8).reshape(3, self.side, self.side)
         pred = evaluate.predict_images(self.nets, records(), self.side, self.pre, "center", batch, progress,
                                        self.names)
-        return pred.probs
+        return pred.probs, pred.keys
 
-    def classify(self, paths, top=DEFAULT_TOP, batch=evaluate.DEFAULT_BATCH, progress=None):
-        """[{"image": path, "top": [{"wnid", "words", "prob"}, ...]}, ...] in the order of paths."""
+    def classify(self, paths, top=DEFAULT_TOP, batch=evaluate.DEFAULT_BATCH, progress=None, failed=None):
+        """[{"image": path, "top": [{"wnid", "words", "prob"}, ...]}, ...] in the order of paths; with
+        failed (a list), images that do not decode are left out and their messages put there."""
         if top < 1:
             raise ClassifyError("--top %d: expected a number of classes >= 1" % top)
-        probs = self.probabilities(paths, batch, progress)
+        probs, kept = self.probabilities(paths, batch, progress, failed)
         out = []
-        for path, p in zip(paths, probs):
+        for path, p in zip(kept, probs):
             best = np.argsort(-p, kind="stable")[:top]
             out.append({"image": path, "top": [{"wnid": self.labels[c][0], "words": self.labels[c][1],
                                                 "prob": float(p[c])} for c in best]})

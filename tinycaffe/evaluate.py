@@ -37,20 +37,43 @@ def add_model_arguments(parser, lmdb_help, default_lmdb=DEFAULT_VAL_LMDB):
 
 def add_data_arguments(parser, lmdb_help, default_lmdb):
     """--lmdb, --mean and --labels; the last two default to the files beside the LMDB."""
-    parser.add_argument("--lmdb", default=None, help="%s (default %s)" % (lmdb_help, default_lmdb))
+    parser.add_argument("--lmdb", default=None,
+                        help="%s (default: the one the model was trained with, from the train_val.prototxt beside "
+                             "the deploy file, else %s)" % (lmdb_help, default_lmdb))
     parser.add_argument("--mean", default=None, help=MEAN_HELP)
     parser.add_argument("--labels", default=None, help=LABELS_HELP)
     parser.set_defaults(default_lmdb=default_lmdb)
 
 
-def resolve_data_arguments(args):
+def resolve_data_arguments(args, deploy=None):
     """Fill --lmdb, --mean, --labels in place: an LMDB brings its own mean and labels (make_lmdb.py
-    writes them beside it), never another dataset's; the default LMDB is the repo's data/lmdb."""
-    args.lmdb = args.lmdb or repo_path(args.default_lmdb)
+    writes them beside it), never another dataset's. The default LMDB is the one the model was
+    trained with (the TEST LMDB of the train_val beside `deploy`, or the test_lmdb beside that
+    for a submission), else the repo's data/lmdb."""
+    trained = trained_lmdb(deploy, getattr(args, "train_val", None)) if deploy and not args.lmdb else None
+    if trained and os.path.basename(args.default_lmdb) == "test_lmdb":
+        trained = os.path.join(os.path.dirname(trained), "test_lmdb")
+    args.lmdb = args.lmdb or (trained if trained and os.path.isdir(trained) else repo_path(args.default_lmdb))
+    if not os.path.isdir(args.lmdb):
+        raise EvalError("%s: no such LMDB; give --lmdb (make_lmdb.py's %s)" % (args.lmdb, os.path.basename(
+            args.default_lmdb)))
     args.mean_given = args.mean is not None  # a mean the user named must agree with the net's own
     folder = fit.dataset_dir(args.lmdb)
     args.mean = args.mean or os.path.join(folder, "mean.binaryproto")
     args.labels = args.labels or os.path.join(folder, "labels.txt")
+
+
+def trained_lmdb(deploy, train_val=None):
+    """The LMDB the train_val beside a deploy file (or train_val) tests on, absolute, or None."""
+    path = train_val or os.path.join(os.path.dirname(os.path.abspath(deploy)), "train_val.prototxt")
+    try:
+        net = read_prototxt(path, caffe_pb2().NetParameter())
+    except (PrototxtError, OSError):
+        return None
+    for layer in net.layer:
+        if layer.type == "Data" and any(rule.phase == caffe_pb2().TEST for rule in layer.include):
+            return fit.absolute(layer.data_param.source, fit.base_for(path))
+    return None
 
 
 def check_batch(batch):

@@ -112,7 +112,7 @@ def net_classes(net_param):
     return None
 
 
-def check_classes(outputs, where, lmdb_path, labels_path=None, layer=None):
+def check_classes(outputs, where, lmdb_path, labels_path=None, layer=None, generated=None):
     """Refuse a net whose class outputs differ from the dataset's class count. layer: the
     classifier's name in a net of the user's own (the advice is then to set its num_output;
     for tinycaffe's generated nets, to regenerate them)."""
@@ -123,6 +123,9 @@ def check_classes(outputs, where, lmdb_path, labels_path=None, layer=None):
     if count is not None and outputs != count:
         fix = ("set num_output: %d in layer '%s'" % (count, layer) if layer
                else "regenerate the net with --num-classes %d or --labels %s" % (count, said_by))
+        if generated and not layer:  # a generated net or a copy of one: an edit keeps the user's changes
+            fix = ("set num_output: %d in layer '%s' (train_val and deploy), or %s"
+                   % (count, generated, fix))
         raise FitError("%s has %d class outputs but %s lists %d classes: the net and the data (%s) come from "
                        "different datasets (%s)" % (where, outputs, said_by, count, lmdb_path, fix))
 
@@ -162,7 +165,7 @@ def data_layer_problems(net_param, net_path, labels_path=None):
         if not classes_checked:
             classes_checked = True
             checks.insert(0, lambda: check_classes(found[0], "%s (layer '%s')" % (net_path, found[1]), source,
-                                                   labels_path, own))
+                                                   labels_path, own, found[1]))
         for check in checks:
             try:
                 check()

@@ -367,9 +367,11 @@ def _body(n, name, data, num_classes):
 
 
 def train_val(name, train_source, val_source, mean_file, num_classes, batch_size, test_batch_size, crop,
-              augmentation=None):
+              augmentation=None, label_smoothing=0.0, scale_decay=True):
     """TRAIN: random crop + mirror of the train LMDB, plus `augmentation` (transform_param fields,
-    augment.train_transform's); TEST: center crop of val, nothing else; loss + top-1/top-5."""
+    augment.train_transform's); TEST: center crop of val, nothing else; loss + top-1/top-5.
+    label_smoothing: the loss's (Caffe patch 0014); scale_decay False: BatchNorm's Scale
+    (gamma, beta) learns without weight decay, as biases and PReLU slopes already do."""
     n = caffe.NetSpec()
     transform = dict(crop_size=crop, mirror=True, mean_file=mean_file)
     transform.update(augmentation or {})
@@ -395,6 +397,13 @@ def train_val(name, train_source, val_source, mean_file, num_classes, batch_size
     layers = list(proto.layer)
     del proto.layer[:]
     proto.layer.extend([layers[0], layers[-1]] + layers[1:-1])
+    for layer in proto.layer:
+        if layer.type == "SoftmaxWithLoss" and label_smoothing:
+            layer.loss_param.label_smoothing = label_smoothing
+        if layer.type == "Scale" and not scale_decay:
+            del layer.param[:]
+            for _ in range(2 if layer.scale_param.bias_term else 1):
+                layer.param.add(lr_mult=1, decay_mult=0)
     return proto
 
 

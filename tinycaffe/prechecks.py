@@ -80,6 +80,8 @@ def net_problems(net, net_path, base, need_data=True, lmdb_dir=None):
     """The Data layers' sources and mean files, a test split used where labels are needed, the
     net against its data (class count, crop) and the augmentation fields. lmdb_dir: check the
     class count and crop against that make_lmdb.py folder too (gen_prototxt --check --lmdb-dir)."""
+    if not net.layer and not net.layers:
+        return ["%s: no layers (an empty or truncated file?)" % net_path]
     problems = build_problems(net, net_path)
     for layer in net.layer:
         if layer.type in DATA_LAYER_TYPES:
@@ -196,4 +198,30 @@ def all_problems(solver, solver_path, base, need_data=True):
         net = read_prototxt(net_path, caffe_pb2().NetParameter())
     except PrototxtError as exc:
         return problems + [str(exc)], net_path, None
-    return problems + net_problems(net, net_path, base, need_data), net_path, net
+    return problems + net_problems(net, net_path, base, need_data) + test_coverage_problems(
+        solver, solver_path, net, net_path), net_path, net
+
+
+def test_coverage_problems(solver, solver_path, net, net_path):
+    """test_iter x the TEST batch must be the val LMDB's record count: fewer tests a part of val,
+    more reads images twice (Caffe's Data layer wraps around) and, unless an exact multiple,
+    weighs some of them double; either way the val numbers are not val's."""
+    tests = [layer for layer in net.layer if layer.type in DATA_LAYER_TYPES and layer.data_param.batch_size
+             and any(rule.phase == caffe_pb2().TEST for rule in layer.include)]
+    if not solver.test_iter or not tests:
+        return []
+    layer = tests[0]
+    source = fit.resolved_source(layer, fit.base_for(net_path))
+    if readable_image_shape(source) is None:
+        return []
+    from .solver import test_batch_for
+    count, batch = data.lmdb_count(source), layer.data_param.batch_size
+    covered = solver.test_iter[0] * batch
+    if covered == count:
+        return []
+    fix = ("set test_iter: %d" % (count // batch) if count % batch == 0 else
+           "set the TEST batch_size of layer '%s' to %d and test_iter: %d"
+           % (layer.name, test_batch_for(count), count // test_batch_for(count)))
+    return ["%s: test_iter %d x TEST batch %d = %d images, but %s holds %d: each val test would %s; %s"
+            % (solver_path, solver.test_iter[0], batch, covered, source, count,
+               "leave images out" if covered < count else "read images more than once", fix)]

@@ -231,7 +231,13 @@ def apply_overrides(solver, net, overrides):
         if field in overrides:
             setattr(solver, field, overrides[field])
     if "batch_size" in overrides:
-        layers = [layer for layer in net.layer if layer.type in DATA_LAYER_TYPES and _in_train_phase(layer)]
+        data_layers = [layer for layer in net.layer if layer.type in DATA_LAYER_TYPES]
+        shared = [layer.name for layer in data_layers if _in_train_phase(layer) and not _train_only(layer)]
+        if shared:  # its TEST batch would change too, and test_iter x batch no longer cover val
+            raise RunError("--batch-size: Data layer '%s' serves both phases (no `include { phase: TRAIN }`), so its "
+                           "val batch would change too; give it a TRAIN-only copy, or edit batch_size in the net"
+                           % shared[0])
+        layers = [layer for layer in data_layers if _train_only(layer)]
         if not layers:
             raise RunError("--batch-size: the net has no TRAIN-phase Data layer whose batch_size it could set")
         for layer in layers:
@@ -247,8 +253,14 @@ def override_resumed(run_dir, used, overrides, state):
     """--max-iter/--test-interval on --resume: the run's solver.prototxt changed (and said so in its
     header) before the run continues; --batch-size is refused, as is a max_iter already passed."""
     if "batch_size" in overrides:
-        raise RunError("--batch-size cannot change on --resume (the TRAIN data stream continues exactly at the "
-                       "snapshot's batch size); start a new run to train with another batch size")
+        net = read_message(fit.absolute(used.net, REPO_ROOT), caffe_pb2().NetParameter())
+        own = {layer.data_param.batch_size for layer in net.layer if layer.type in DATA_LAYER_TYPES
+               and _train_only(layer)}
+        if own != {overrides["batch_size"]}:
+            raise RunError("--batch-size cannot change on --resume (the TRAIN data stream continues exactly at the "
+                           "snapshot's batch size, %s); start a new run to train with another batch size"
+                           % ", ".join(map(str, sorted(own))))
+        overrides = {k: v for k, v in overrides.items() if k != "batch_size"}  # the run's own: nothing to change
     if not overrides:
         return
     at = snapshot_iteration(state)
@@ -283,9 +295,21 @@ def images_per_iteration(used, gpu, base=REPO_ROOT):
     return (batches[0] if batches else 0) * max(used.iter_size, 1) * solver_count(gpu)
 
 
+def _phases(layer):
+    """The phases Caffe builds a layer in, by its include or exclude phase rules (stages aside)."""
+    pb2 = caffe_pb2()
+    included = {rule.phase for rule in layer.include if rule.HasField("phase")}
+    if included:
+        return included
+    return {pb2.TRAIN, pb2.TEST} - {rule.phase for rule in layer.exclude if rule.HasField("phase")}
+
+
+def _train_only(layer):
+    return _phases(layer) == {caffe_pb2().TRAIN}
+
+
 def _in_train_phase(layer):
-    phases = [rule.phase for rule in layer.include if rule.HasField("phase")]
-    return not phases or caffe_pb2().TRAIN in phases
+    return caffe_pb2().TRAIN in _phases(layer)
 
 
 def with_absolute_paths(used, base=REPO_ROOT):
@@ -348,6 +372,36 @@ def continue_data_stream(run_dir, used, state, segments):
     return solver_path
 
 
+EMA_SUFFIX = "_ema.caffemodel"  # Caffe patch 0015: the weights' moving average beside a snapshot
+
+
+def is_model(path):
+    """A snapshot's own .caffemodel (not the moving average written beside it)."""
+    return path.endswith(".caffemodel") and not path.endswith(EMA_SUFFIX)
+
+
+def ema_of(caffemodel):
+    """The moving average written beside a snapshot's .caffemodel, or None."""
+    path = caffemodel[:-len(".caffemodel")] + EMA_SUFFIX
+    return path if is_model(caffemodel) and os.path.isfile(path) else None
+
+
+def final_model(run_dir):
+    """The model a run's val numbers are of: its newest snapshot's .caffemodel, or the moving
+    average beside it when its solver tests that (test_ema, patch 0015). None without snapshots."""
+    newest = newest_snapshot_iteration(run_dir)
+    models = [p for p in glob.glob(os.path.join(glob.escape(run_dir), "snapshots", "*_iter_%d.caffemodel" % newest))
+              if is_model(p)]
+    if not models:
+        return None
+    try:
+        used = read_message(os.path.join(run_dir, "solver.prototxt"), caffe_pb2().SolverParameter())
+    except (RunError, OSError):
+        used = None
+    ema = ema_of(models[0])
+    return ema if ema and used is not None and getattr(used, "test_ema", False) else models[0]
+
+
 def drop_diverged_snapshots(run_dir, keep_up_to):
     """After a divergence, delete the snapshots (caffemodel and solverstate) that may hold bad
     weights: every one after iteration keep_up_to (the last whose logged loss was good: snapshot N
@@ -360,7 +414,7 @@ def drop_diverged_snapshots(run_dir, keep_up_to):
             pairs.setdefault(snapshot_iteration(path), []).append(path)
     removed = []
     for n in sorted(pairs, reverse=True):
-        model = [p for p in pairs[n] if p.endswith(".caffemodel")]
+        model = [p for p in pairs[n] if is_model(p)]
         after = keep_up_to is not None and n > keep_up_to
         if not after and all(finite_weights(p) for p in model):
             return sorted(removed), (model[0] if model else None)
@@ -417,7 +471,7 @@ def _whole(paths, reference):
     """Whether a snapshot's files (caffemodel, solverstate) are complete, judged against an older
     snapshot's (reference) where there is one."""
     def by_kind(files, kind):
-        return next((p for p in files if p.endswith(kind)), None)
+        return next((p for p in files if p.endswith(kind) and not p.endswith(EMA_SUFFIX)), None)
     model, state = by_kind(paths, ".caffemodel"), by_kind(paths, ".solverstate")
     ref_model, ref_state = by_kind(reference, ".caffemodel"), by_kind(reference, ".solverstate")
     try:
@@ -453,6 +507,15 @@ def finite_weights(caffemodel):
     import numpy as np
     net = _read_caffemodel(caffemodel)
     return all(np.isfinite(np.asarray(b.data, np.float32)).all() for layer in net.layer for b in layer.blobs)
+
+
+def layers_with_weights(caffemodel):
+    """Names of the layers a .caffemodel holds weights for (V1 files' `layers` too)."""
+    try:
+        model = _read_caffemodel(caffemodel)
+        return {layer.name for layer in list(model.layer) + list(model.layers) if layer.blobs}
+    except Exception as exc:  # protobuf's DecodeError: not a caffemodel
+        raise RunError("--weights %s: not a .caffemodel (%s)" % (caffemodel, exc)) from exc
 
 
 def parameter_count(caffemodel):

@@ -590,11 +590,11 @@ def best_models(name, top, root=None, storage=None):
     models = []
     for t in complete[:top]:
         run_dir = t.user_attrs["run_dir"]
-        weights = glob.glob(os.path.join(glob.escape(run_dir), "snapshots", "*_iter_*.caffemodel"))
+        weights = runs.final_model(run_dir)
         deploy = os.path.join(run_dir, "deploy.prototxt")
         if not weights or not os.path.isfile(deploy):
             raise SweepError("trial %d: %s lacks deploy.prototxt or a final .caffemodel" % (t.number, run_dir))
-        models.append((deploy, max(weights, key=runs.snapshot_iteration)))
+        models.append((deploy, weights))
     return models
 
 

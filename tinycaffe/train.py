@@ -84,6 +84,8 @@ def launch(args, argv, observer=None, stops=None):
         solver = runs.read_message(solver_path, caffe_pb2().SolverParameter())
         net_path, net = runs.precheck(solver, solver_path, base)
         runs.apply_overrides(solver, net, overrides)
+        if args.weights:
+            _check_weights(args.weights, net)
         run_dir = os.path.abspath(args.run_dir or runs.new_run_dir(variant, runs_root))
         if os.path.exists(run_dir) and os.listdir(run_dir):
             raise runs.RunError("--run-dir %s exists and is not empty (use --resume to continue it)" % run_dir)
@@ -111,27 +113,53 @@ def launch(args, argv, observer=None, stops=None):
         except OSError as exc:
             raise runs.RunError("%s: cannot write run.json (%s)" % (run_dir, exc.strerror or exc)) from exc
         verbose = getattr(args, "verbose", False)
-        print("[train] run dir %s (%s, %s)%s" % (run_dir, args.engine, "gpu " + gpu if gpu else "cpu",
-                                                 "" if verbose else "; Caffe's log: caffe.log there (--verbose shows it)"),
-              file=sys.stderr)
         start = runs.snapshot_iteration(state) if state else 0
+        print("[train] run dir %s (%s, %s%s)%s" % (run_dir, args.engine, "gpu " + gpu if gpu else "cpu",
+                                                   ", resuming from iteration %d" % start if state else "",
+                                                   "" if verbose else "; Caffe's log: caffe.log there (--verbose shows it)"),
+              file=sys.stderr)
         curves = live.LiveCurves(run_dir, runs.images_per_iteration(used, gpu),
                                  purge_step=start if state else None,
                                  warn=lambda message: print("[train] warning: " + message, file=sys.stderr),
                                  aliases=runs.accuracy_aliases(run_dir))
+        label = "trial %s" % argv[2] if argv[0] == "sweep.py" and len(argv) > 2 else record["variant"]
         line = None if verbose else progress.ProgressLine(
-            record["variant"], used.max_iter, start, runs.images_per_iteration(used, gpu), runs.accuracy_aliases(run_dir))
+            label, used.max_iter, start, runs.images_per_iteration(used, gpu), runs.accuracy_aliases(run_dir),
+            test_interval=used.test_interval if used.test_iter else 0)
         try:
             status, returncode, losses = _tee(command, log_path, record, run_dir, stops, curves, observer, line)
             if status == "finished" and args.engine == "binary" and not stops.stopping:
                 status, returncode = _final_test(run_dir, used, gpu, log_path, stops, curves, observer, line)
             if line is not None:
                 line.close()
+            if stops.observer_stop:
+                record["stopped_by"] = "observer"  # a sweep's pruner: the sweep records the trial as pruned
             return _finish(run_dir, record, status, returncode, losses, curves, argv)
         finally:
             curves.close()
             if line is not None:
                 line.close()
+
+
+def _check_weights(weights, net):
+    """--weights that share no layer with the net would leave it at its random fillers: Caffe skips
+    every layer it does not find by name, saying so only at INFO level. A partial match is said."""
+    stored = runs.layers_with_weights(weights)
+    learned = [layer.name for layer in net.layer if layer.type not in runs.DATA_LAYER_TYPES
+               and layer.type in LAYERS_WITH_WEIGHTS]
+    copied = [name for name in learned if name in stored]
+    if not copied:
+        raise runs.RunError("--weights %s shares no layer name with the net (its layers: %s; the net's: %s): training "
+                            "would start from random weights" % (weights, ", ".join(sorted(stored)[:5]) or "none",
+                                                                  ", ".join(learned[:5])))
+    if len(copied) < len(learned):
+        print("[train] note: --weights %s initialises %d of the net's %d layers with weights; the others (%s) start "
+              "from their fillers" % (weights, len(copied), len(learned),
+                                      ", ".join(n for n in learned if n not in stored)), file=sys.stderr)
+
+
+LAYERS_WITH_WEIGHTS = ("Convolution", "Deconvolution", "InnerProduct", "BatchNorm", "Scale", "PReLU", "Bias",
+                       "Embed", "LSTM", "RNN")
 
 
 def _unwritable(exc, run_dir):
@@ -540,6 +568,8 @@ def _save_record_last(run_dir, record):
 def _report(run_dir, record, status, final, losses, kept, argv, saved):
     """The run's last lines on the terminal: what it reached, and what to do next."""
     verb = "diverged at iteration %d" % losses.first_bad if status == "diverged" and losses.first_bad is not None \
+        else "stopped by the sweep's pruner after %d iterations" % final["iterations"] \
+        if record.get("stopped_by") == "observer" and status in ("finished", "interrupted") \
         else "%s after %d iterations" % (status, final["iterations"])
     print("[train] %s%s; run dir %s (curves.png, train.csv, test.csv, run.json)"
           % (verb, ", val top-1 %.4f at iteration %d (best %.4f)"
@@ -573,9 +603,11 @@ def _report_failure(run_dir, record):
     log_path = os.path.join(run_dir, "caffe.log")
     cause = caffelog.failure_cause(log_path)
     code = record.get("caffe_exit_code")
+    # the net too: a solver's check reads its net's data but builds no layer (a bad kernel size is the net's)
+    files = [_from_cwd(os.path.join(run_dir, name)) for name in ("train_val.prototxt", "deploy.prototxt", "solver.prototxt")
+             if os.path.isfile(os.path.join(run_dir, name))]
     print("[train] full log: %s; check the net, solver and data with: %s" % (
-        _from_cwd(log_path), _tool_command("gen_prototxt.py", "--check", _from_cwd(os.path.join(run_dir, "solver.prototxt")))),
-        file=sys.stderr)
+        _from_cwd(log_path), _tool_command("gen_prototxt.py", "--check", *files)), file=sys.stderr)
     status = ("killed by signal %d" % -code) if isinstance(code, int) and code < 0 else "exit status %s" % code
     print("[train] error: Caffe stopped (%s): %s%s" % (status, cause or "it logged no reason; see the full log",
                                                        _write_hint(cause, run_dir)), file=sys.stderr)
@@ -608,12 +640,11 @@ def evaluate_command(run_dir):
     """The evaluate.py line for a run's newest weights on the val LMDB its net tests on, or None
     (no deploy net, no snapshot, or no TEST-phase LMDB in its net)."""
     deploy = os.path.join(run_dir, "deploy.prototxt")
-    newest = runs.newest_snapshot_iteration(run_dir)
-    models = glob.glob(os.path.join(glob.escape(run_dir), "snapshots", "*_iter_%d.caffemodel" % newest))
+    model = runs.final_model(run_dir)  # the moving average where the run tested that
     val = runs.test_lmdb(run_dir)
-    if not (os.path.isfile(deploy) and models and val):
+    if not (os.path.isfile(deploy) and model and val):
         return None
-    return _tool_command("evaluate.py", "--deploy", _from_cwd(deploy), "--weights", _from_cwd(models[0]),
+    return _tool_command("evaluate.py", "--deploy", _from_cwd(deploy), "--weights", _from_cwd(model),
                          "--lmdb", _from_cwd(val))
 
 
@@ -715,16 +746,24 @@ class Worker:
             self.solver.net.copy_from(weights)
 
     def current_lr(self):
-        p = self.param
-        if self.anneal == "plateau":
-            return self.lr
-        if p.lr_policy == "step":
-            return p.base_lr * p.gamma ** (self.solver.iter // p.stepsize)
-        if p.lr_policy == "multistep":  # Caffe: one more gamma for every stepvalue reached
-            return p.base_lr * p.gamma ** sum(1 for v in p.stepvalue if self.solver.iter >= v)
-        return p.base_lr
+        """The rate Caffe's solver uses at this iteration (for the progress line; Caffe logs its own)."""
+        return scheduled_lr(self.param, self.solver.iter, self.lr if self.anneal == "plateau" else None)
 
     def test(self):
+        # test_ema (patch 0015): the weights' moving average is tested, as Caffe's TestAll does
+        ema = getattr(self.param, "test_ema", False) and getattr(self.solver, "has_ema", False)
+        if ema:
+            self.solver.swap_ema()
+        try:
+            sums = self._forward_test_net()
+        finally:
+            if ema:
+                self.solver.swap_ema()
+        logged = {k: v / self.param.test_iter[0] for k, v in sums.items()}
+        return self._log_test(logged)
+
+    def _forward_test_net(self):
+        """{output: sum over test_iter batches} of the test net on the train net's weights."""
         net = self.solver.test_nets[0]
         net.share_with(self.solver.net)  # what Caffe's Solver::Test does first
         sums = {}
@@ -732,7 +771,9 @@ class Worker:
             out = net.forward()
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        logged = {k: v / self.param.test_iter[0] for k, v in sums.items()}
+        return sums
+
+    def _log_test(self, logged):
         _log("Iteration %d, Testing net (#0)" % self.solver.iter)
         for i, (k, v) in enumerate(logged.items()):  # the net's own names, as Caffe's Solver logs them
             _log("    Test net output #%d: %s = %g" % (i, k, v))
@@ -825,6 +866,23 @@ class Worker:
         self._build(state)
         self.test()
         return 0
+
+
+def scheduled_lr(p, it, plateau_lr=None):
+    """SGDSolver::GetLearningRate for the policies tinycaffe generates (patch 0013's warmup and
+    cosine included); plateau_lr: the pycaffe loop's own (its solver runs "fixed")."""
+    rate = p.base_lr if plateau_lr is None else plateau_lr
+    warmup = getattr(p, "warmup_iter", 0)
+    if plateau_lr is None and p.lr_policy == "step":
+        rate = p.base_lr * p.gamma ** (it // p.stepsize)
+    elif plateau_lr is None and p.lr_policy == "multistep":  # one more gamma for every stepvalue reached
+        rate = p.base_lr * p.gamma ** sum(1 for v in p.stepvalue if it >= v)
+    elif plateau_lr is None and p.lr_policy == "cosine":
+        t = min(max(it - warmup, 0) / float(p.max_iter - warmup), 1.0)
+        rate = p.min_lr + (p.base_lr - p.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+    if it < warmup:
+        rate *= p.warmup_start_factor + (1 - p.warmup_start_factor) * it / float(warmup)
+    return rate
 
 
 def plateau_step(top1, best, waits, min_delta, patience, anneals, max_anneals):

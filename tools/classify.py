@@ -68,14 +68,21 @@ def main(argv=None):
         paths = classify.image_paths(args.images)
         gpu = runs.parse_gpu(args.gpu, several=False)
         model = classify.Classifier(args.model, args.lmdb, args.mean, args.labels, args.train_val, gpu, args.weight)
+        failed = []  # one image that does not decode spoils no folder: said, and the exit status is 1
         with tqdm(total=len(paths), unit="img", desc="classify", disable=args.quiet or len(paths) < 100,
                   file=sys.stderr) as bar:
-            results = model.classify(paths, args.top, args.batch, bar.update)
+            results = model.classify(paths, args.top, args.batch, bar.update, failed)
     except (evaluate.EvalError, data.DataError, runs.RunError, CaffeNotFound) as exc:
         print("classify.py: error: %s" % exc, file=sys.stderr)
         return 1
-    print(json.dumps(results, indent=1) if args.json else as_text(results))
-    return 0
+    if results:
+        print(json.dumps(results, indent=1) if args.json else as_text(results))
+    for message in failed:
+        print("classify.py: error: %s" % message, file=sys.stderr)
+    if failed:
+        print("classify.py: %d of %d images could not be read (above); the others are classified"
+              % (len(failed), len(paths)), file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -41,9 +41,9 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        evaluate.resolve_data_arguments(args)
         evaluate.check_batch(args.batch)
-        gpu = runs.parse_gpu(args.gpu, several=False)
+        gpu = runs.parse_gpu(args.gpu, several=False)  # a device this build lacks: said before any data
+        evaluate.resolve_data_arguments(args, args.deploy)
         labels = data.read_labels(args.labels)
         evaluate.require_lmdb_kind(args.lmdb, "labelled", "evaluate.py")
         out = args.out or evaluate.run_dir_of(args.weights)

@@ -70,6 +70,10 @@ def build_parser():
                         "contrast/saturation/hue distortion), scale (+ random-resized crop), full (all of them "
                         "+ PCA lighting on the LMDBs' own colour basis); values in tinycaffe/augment.py "
                         "(default %s)" % augment.DEFAULT_PRESET)
+    p.add_argument("--recipe", default="paper", choices=solver.RECIPES,
+                   help="paper: the paper's step schedules (SGD); modern: the same base LR and length with a "
+                        "1-epoch warmup, a cosine to 0, Nesterov, label smoothing 0.1, a tested weight EMA and no "
+                        "decay on BatchNorm/Scale/bias/PReLU (Caffe patches 0013-0015) (default paper)")
     p.add_argument("--seed", type=int, default=solver.RANDOM_SEED,
                    help="solver random_seed (default %d)" % solver.RANDOM_SEED)
     return p
@@ -107,15 +111,38 @@ def _val_size(args):
     if args.val_size is not None:
         return args.val_size
     val = _in_lmdb_dir(args, "val_lmdb")
-    return data.lmdb_count(val) if val else gen.DEFAULT_VAL_SIZE
+    if not val:
+        return gen.DEFAULT_VAL_SIZE
+    count = data.lmdb_count(val)
+    if not count:
+        raise ValueError("%s is empty (no records): rerun make_lmdb.py, or give --val-size" % val)
+    return count
 
 
 def _in_lmdb_dir(args, name):
-    """name inside the --lmdb-dir given (repo-relative as written into the nets, or absolute), or None."""
+    """name inside the --lmdb-dir given, or None."""
     if not args.lmdb_dir:
         return None
     path = os.path.join(fit.absolute(args.lmdb_dir, REPO_ROOT), name)
     return path if os.path.exists(path) else None
+
+
+def _resolve_lmdb_dir(args):
+    """--lmdb-dir as written into the nets: relative to the repo root (so that runs work from any
+    directory), or absolute where the folder given exists from here but not from the repo root.
+    A folder that exists nowhere yet is said: the nets' class count and test_iter are defaults."""
+    if not args.lmdb_dir:
+        return
+    from_repo = fit.absolute(args.lmdb_dir, REPO_ROOT)
+    if not os.path.isdir(from_repo) and os.path.isdir(args.lmdb_dir):
+        args.lmdb_dir = os.path.abspath(args.lmdb_dir)
+    elif not os.path.isdir(from_repo):
+        print("gen_prototxt.py: note: --lmdb-dir %s does not exist (yet; relative paths are taken from the repo root "
+              "%s): the nets get %s and test_iter for %s val images; regenerate after make_lmdb.py, or give "
+              "--num-classes and --val-size" % (args.lmdb_dir, REPO_ROOT,
+                                                "%d classes" % args.num_classes if args.num_classes
+                                                else "%d classes" % gen.DEFAULT_NUM_CLASSES,
+                                                args.val_size or gen.DEFAULT_VAL_SIZE), file=sys.stderr)
 
 
 def run_check(files, lmdb_dir, input_shape=None):
@@ -140,6 +167,7 @@ def main(argv=None):
                 print("wrote " + path)
             print("train it: scripts/train.sh %s" % os.path.join(args.to_dir, "solver.prototxt"))  # the user's path
             return 0
+        _resolve_lmdb_dir(args)
         names = list(nets.VARIANTS) if args.variants == "all" else [v for v in args.variants.split(",") if v]
         unknown = [n for n in names if n not in nets.VARIANTS]
         if unknown or not names:
@@ -150,7 +178,7 @@ def main(argv=None):
                             schedule=args.schedule, solver=args.solver, mode=args.mode, max_iter=args.max_iter,
                             test_interval=args.test_interval,
                             num_classes=_num_classes(args), val_size=_val_size(args), seed=args.seed,
-                            augment=args.augment)
+                            augment=args.augment, recipe=args.recipe)
         written = gen.generate(names, cfg)
     except (ValueError, KeyError, OSError, CaffeNotFound, PrototxtError, data.DataError) as exc:
         return _fail(str(exc).strip("'\""))

@@ -68,11 +68,11 @@ def main(argv=None):
     except (data.DataError, CaffeNotFound, OSError) as exc:
         print("lmdb_info.py: error: %s" % exc, file=sys.stderr)
         return 1
-    print("%s: %d records" % (args.lmdb, count))
     if not count:
         print("lmdb_info.py: error: %s is empty (no records): make_lmdb.py writes every split it lists" % args.lmdb,
               file=sys.stderr)
         return 1
+    print("%s: %d records" % (args.lmdb, count))
     print("first keys: %s" % ", ".join(keys))
     for c, h, w, enc in sorted(shapes):
         print("datum: channels=%d height=%d width=%d encoded=%s" % (c, h, w, enc))

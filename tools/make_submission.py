@@ -138,9 +138,9 @@ def validate(args, wnids, names):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        evaluate.resolve_data_arguments(args)
         evaluate.check_batch(args.batch)
         gpu = runs.parse_gpu(args.gpu, several=False) if not args.validate else None
+        evaluate.resolve_data_arguments(args, args.model[0][0] if args.model else None)
         labels = data.read_labels(args.labels)
         wnids = [w for w, _ in labels]
         evaluate.require_lmdb_kind(args.lmdb, "test", "a submission")

@@ -3,7 +3,6 @@
 trial folders too): variant, status, iterations, wall time, best val top-1/top-5 and the
 paper's figure for that variant."""
 import argparse
-import glob
 import json
 import os
 import sys
@@ -30,10 +29,15 @@ def _pct(value):
     return "%.1f%%" % (100 * value) if isinstance(value, (int, float)) else "—"
 
 
+def run_files(root):
+    """Every run.json below root, at any depth; symlinked folders are not followed (no loops)."""
+    return sorted(os.path.join(folder, "run.json") for folder, _, names in os.walk(root) if "run.json" in names)
+
+
 def table(root):
     lines = ["| run | variant | status | iterations | wall time | best val top-1 | best val top-5 | paper top-1 |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
-    for path in sorted(glob.glob(os.path.join(glob.escape(root), "**", "run.json"), recursive=True)):
+    for path in run_files(root):
         with open(path) as f:
             r = json.load(f)
         final = r.get("final", {})

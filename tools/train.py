@@ -23,18 +23,22 @@ EXAMPLES = """examples:
   %(prog)s alexnet_prelu --resume --max-iter 60000   continue the newest run, and train it longer"""
 
 
+INT32_MAX = 2 ** 31 - 1  # Caffe's int32 fields (max_iter, test_interval, batch_size)
+
+
 def positive_int(text):
     try:
         value = int(text)
     except ValueError:
         value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError("expected a whole number >= 1, got '%s'" % text)
+    if not 1 <= value <= INT32_MAX:
+        raise argparse.ArgumentTypeError("expected a whole number from 1 to %d, got '%s'" % (INT32_MAX, text))
     return value
 
 
 def build_parser(prog=None, default_engine="pycaffe"):
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, epilog=EXAMPLES,
+    # No abbreviated flags: the resume command printed on Ctrl-C drops flags by their full names.
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, epilog=EXAMPLES, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", metavar="VARIANT|SOLVER",
                    help="a variant (%s) or a path to a solver.prototxt" % ", ".join(nets.VARIANTS))

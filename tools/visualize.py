@@ -35,8 +35,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     out = args.out or evaluate.run_dir_of(args.weights)
     try:
-        evaluate.resolve_data_arguments(args)
-        gpu = runs.parse_gpu(args.gpu, several=False)
+        gpu = runs.parse_gpu(args.gpu, several=False)  # a device this build lacks: said before any data
+        evaluate.resolve_data_arguments(args, args.deploy)
         net = evaluate.load_net(args.deploy, args.weights, gpu)
         if os.path.isfile(args.labels):
             evaluate.check_classes(net, args.deploy, args.labels)
