@@ -48,8 +48,9 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"
 TORCH_SPEC = os.environ.get("TORCH_SPEC", "torch==2.13.0")  # the bench venv's PyTorch
 
 
-def ensure_torch(argv):
-    """Import torch, or re-run this script in the bench venv that has it (made on first use)."""
+def ensure_torch(argv, script=__file__):
+    """Import torch, or re-run `script` (this one by default) in the bench venv that has it (made on
+    first use)."""
     import importlib.util
     if importlib.util.find_spec("torch") is not None:
         return
@@ -57,7 +58,7 @@ def ensure_torch(argv):
     venv = os.path.join(caffe_env.tinycaffe_home(), "bench", "torch-venv")
     python = os.path.join(venv, "bin", "python")
     if os.environ.get("TINYCAFFE_BENCH_VENV") == venv:
-        sys.exit("bench_cpu.py: error: %s has no torch; remove it and run again" % venv)
+        sys.exit("%s: error: %s has no torch; remove it and run again" % (os.path.basename(script), venv))
     if not os.path.exists(python):
         print("[bench_cpu] making %s (%s + requirements.txt), once" % (venv, TORCH_SPEC), file=sys.stderr)
         subprocess.run([sys.executable, "-m", "venv", venv], check=True)
@@ -67,7 +68,7 @@ def ensure_torch(argv):
     pycaffe = caffe_env.read_location().get("PYCAFFE_DIR", "")
     env = dict(os.environ, TINYCAFFE_BENCH_VENV=venv,
                PYTHONPATH=os.pathsep.join(p for p in (pycaffe, os.environ.get("PYTHONPATH", "")) if p))
-    os.execve(python, [python, os.path.abspath(__file__)] + list(argv), env)
+    os.execve(python, [python, os.path.abspath(script)] + list(argv), env)
 
 
 def torch_step(net, shape):

@@ -3,6 +3,7 @@
 # layout that no default was tuned on (random-colour shapes, seed 11: another generator style and
 # seed than the quickstart's sample), 10 classes, 3,000 train / 200 val, batch 32 (an epoch is
 # ~94 iterations). Each line: variant, recipe, seed, iterations, val top-1 at the end, seconds.
+# A spec is VARIANT:RECIPE[:GEN_FLAGS], GEN_FLAGS comma-separated (resnet_tiny:modern:--cutmix=1).
 #
 #   bench/recipe_heldout.sh [--iters 800] [--seeds "0 1 2"] [--specs "tiny:paper resnet_tiny:paper resnet_tiny:modern"]
 #   (OUT=/tmp/recipe_heldout by default: the data, nets and runs go there)
@@ -27,15 +28,16 @@ done
 [ -d "$OUT/lmdb" ] || "$PY" tools/make_lmdb.py "$OUT/ds" "$OUT/lmdb" --quiet > /dev/null
 for seed in $SEEDS; do
   for spec in $SPECS; do
-    variant="${spec%%:*}"; recipe="${spec##*:}"
-    tag="${variant}_${recipe}_${ITERS}_s${seed}"
+    IFS=: read -r variant recipe flags <<< "$spec"
+    tag="${variant}_${recipe}${flags:+_${flags//[^a-z0-9.]/}}_${ITERS}_s${seed}"
+    # shellcheck disable=SC2086
     "$PY" tools/gen_prototxt.py --variants "$variant" --out "$OUT/p_$tag" --lmdb-dir "$OUT/lmdb" --mode cpu \
-      --recipe "$recipe" --max-iter "$ITERS" --test-interval "$((ITERS / 4))" --seed "$seed" > /dev/null
+      --recipe "$recipe" --max-iter "$ITERS" --test-interval "$((ITERS / 4))" --seed "$seed" ${flags//,/ } > /dev/null
     start=$SECONDS
     scripts/train.sh "$OUT/p_$tag/$variant/solver.prototxt" --gpu cpu --run-dir "$OUT/runs/$tag" > /dev/null 2>&1
     top1="$("$PY" -c 'import json,sys; print("%.3f" % json.load(open(sys.argv[1]))["final"]["accuracy_top1"])' \
       "$OUT/runs/$tag/run.json")"
-    printf '%-12s %-7s seed %s  %5d it  val top-1 %s  %4d s\n' "$variant" "$recipe" "$seed" "$ITERS" "$top1" \
+    printf '%-12s %-7s %-22s seed %s  %5d it  val top-1 %s  %4d s\n' "$variant" "$recipe" "${flags:--}" "$seed" "$ITERS" "$top1" \
       "$((SECONDS - start))"
   done
 done

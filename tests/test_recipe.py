@@ -269,3 +269,166 @@ def test_recipe_modern_writes_every_piece_and_says_where_from(repo, tmp_path):
                                                             % os.path.join(lmdb, "val_lmdb"))
         log = open(os.path.join(run_dir, "caffe.log")).read()
         assert "lr = 0.01" in log  # iteration 0 of the warmup: 0.1 x base_lr 0.1
+
+
+# ---------------------------------------------------------------- patch 0016: mixup and CutMix
+def mixup_net(tmp_path, num=8, shape=(3, 6, 5), **param):
+    fields = " ".join("%s: %g" % item for item in param.items())
+    path = tmp_path / "mixup.prototxt"
+    path.write_text("""
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: %d dim: %d dim: %d dim: %d } } }
+layer { name: "label" type: "Input" top: "label" input_param { shape { dim: %d } } }
+layer { name: "mixup" type: "Mixup" bottom: "data" bottom: "label" top: "data" top: "label_mix" top: "lambda"
+  mixup_param { %s } }
+""" % ((num,) + tuple(shape) + (num, fields)))
+    return str(path)
+
+
+def mixed_batches(caffe, path, draws, seed=1, phase=None):
+    """(input, output, partner labels, lambda) for `draws` forward passes of the Mixup net; the
+    labels are 0..N-1, so the partner labels are the partners' indices."""
+    caffe.set_random_seed(seed)
+    net = caffe.Net(path, caffe.TRAIN if phase is None else phase)
+    rng = np.random.RandomState(seed)
+    num = net.blobs["label"].data.shape[0]
+    out = []
+    for _ in range(draws):
+        x = rng.randn(*net.blobs["data"].data.shape).astype(np.float32)
+        net.blobs["data"].data[...] = x
+        net.blobs["label"].data[...] = np.arange(num)
+        net.forward()
+        out.append((x, net.blobs["data"].data.copy(), net.blobs["label_mix"].data.astype(int).copy(),
+                    float(net.blobs["lambda"].data[0])))
+    return out
+
+
+def test_mixup_blends_each_image_with_its_partner(caffe, tmp_path):
+    for x, y, partner, lam in mixed_batches(caffe, mixup_net(tmp_path, alpha=0.4), 20):
+        assert sorted(partner) == list(range(8)) and 0 < lam < 1  # a permutation; Beta never gives 0 or 1
+        np.testing.assert_allclose(y, lam * x + (1 - lam) * x[partner], rtol=1e-5, atol=1e-6)
+
+
+def box_of(x, y, partner):
+    """The rectangle where the images took their partners' pixels (one for the batch), as slices,
+    checked to hold exactly the partner's pixels inside and the image's own outside."""
+    moved = [i for i in range(len(x)) if partner[i] != i]
+    inside = np.all([y[i] == x[partner[i]] for i in moved], axis=(0, 1))  # H x W
+    rows, cols = np.flatnonzero(inside.any(1)), np.flatnonzero(inside.any(0))
+    if not len(rows):
+        return slice(0, 0), slice(0, 0)
+    box = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+    for i in range(len(x)):
+        expect = x[i].copy()
+        expect[:, box[0], box[1]] = x[partner[i], :, box[0], box[1]]
+        np.testing.assert_array_equal(y[i], expect)
+    return box
+
+
+def test_cutmix_pastes_one_box_and_lambda_is_its_area(caffe, tmp_path):
+    areas = []
+    for x, y, partner, lam in mixed_batches(caffe, mixup_net(tmp_path, shape=(2, 9, 7), alpha=0, cutmix_alpha=1),
+                                            40):
+        rows, cols = box_of(x, y, partner)
+        area = (rows.stop - rows.start) * (cols.stop - cols.start)
+        assert lam == pytest.approx(1 - area / 63.0, abs=1e-7)  # the clipped box's area, as Yun et al.
+        areas.append(area)
+    assert len(set(areas)) > 10 and max(areas) > 20  # boxes of many sizes, some large
+
+
+def test_lambda_follows_beta_and_prob_and_switch(caffe, tmp_path):
+    draws = mixed_batches(caffe, mixup_net(tmp_path, num=4, shape=(1, 4, 4), alpha=0.4), 600)
+    lams = np.array([d[3] for d in draws])
+    reference = np.sort(np.random.RandomState(0).beta(0.4, 0.4, 200000))
+    ks = np.max(np.abs(np.searchsorted(reference, np.sort(lams)) / len(reference) - np.arange(1, 601) / 600.0))
+    assert ks < 0.08, ks  # Kolmogorov-Smirnov distance to Beta(0.4, 0.4); its 1% critical value at n=600 is 0.067
+    draws = mixed_batches(caffe, mixup_net(tmp_path, num=4, shape=(1, 6, 6), alpha=0.4, cutmix_alpha=1,
+                                           prob=0.5, switch_prob=0.5), 400)
+    untouched = sum(d[3] == 1 and np.array_equal(d[0], d[1]) and list(d[2]) == [0, 1, 2, 3] for d in draws)
+    cut = sum(d[3] < 1 and np.isin(d[1], d[0]).all() for d in draws)  # every pixel someone's own: CutMix
+    assert 160 < untouched < 240 and 60 < cut < 140, (untouched, cut)
+
+
+def test_the_solvers_seed_decides_the_draws_and_test_passes_through(caffe, tmp_path):
+    path = mixup_net(tmp_path, alpha=0.2, cutmix_alpha=1)
+    lams = [[d[3] for d in mixed_batches(caffe, path, 6, seed=seed)] for seed in (1, 1, 2)]
+    assert lams[0] == lams[1] and lams[0] != lams[2]
+    for x, y, partner, lam in mixed_batches(caffe, path, 3, phase=caffe.TEST):
+        assert lam == 1 and list(partner) == list(range(8)) and np.array_equal(x, y)
+
+
+def mixed_loss_net(tmp_path, smoothing):
+    path = tmp_path / "mixed_loss.prototxt"
+    path.write_text("""force_backward: true
+layer { name: "scores" type: "Input" top: "scores" input_param { shape { dim: 6 dim: 5 } } }
+layer { name: "labels" type: "Input" top: "label" top: "label_mix" top: "lambda"
+  input_param { shape { dim: 6 } shape { dim: 6 } shape { dim: 1 } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "scores" bottom: "label" bottom: "label_mix"
+  bottom: "lambda" top: "loss" loss_param { label_smoothing: %g } }
+""" % smoothing)
+    return str(path)
+
+
+@pytest.mark.parametrize("lam, smoothing", [(0.3, 0.0), (0.8, 0.1), (1.0, 0.1), (0.0, 0.0)])
+def test_the_mixed_loss_is_lambda_blend_of_both_labels(caffe, tmp_path, lam, smoothing):
+    rng = np.random.RandomState(3)
+    scores = rng.randn(6, 5).astype(np.float32) * 3
+    labels, partners = np.array([0, 1, 2, 3, 4, 2]), np.array([4, 1, 0, 2, 2, 3])
+    net = caffe.Net(mixed_loss_net(tmp_path, smoothing), caffe.TRAIN)
+    net.blobs["scores"].data[...] = scores
+    net.blobs["label"].data[...] = labels
+    net.blobs["label_mix"].data[...] = partners
+    net.blobs["lambda"].data[...] = lam
+    loss = float(net.forward()["loss"])
+    net.blobs["loss"].diff[...] = 1.0
+    net.backward()
+    loss_a, grad_a = reference_smoothed(scores, labels, smoothing)
+    loss_b, grad_b = reference_smoothed(scores, partners, smoothing)
+    assert loss == pytest.approx(lam * loss_a + (1 - lam) * loss_b, rel=1e-5)
+    np.testing.assert_allclose(net.blobs["scores"].diff, lam * grad_a + (1 - lam) * grad_b, rtol=1e-4, atol=1e-6)
+    if lam == 1.0:  # exactly the 2-bottom loss, the partner labels unread
+        plain = caffe.Net(loss_net(tmp_path, 5, smoothing), caffe.TRAIN)
+        plain.blobs["scores"].data[...] = scores
+        plain.blobs["label"].data[...] = labels
+        assert float(plain.forward()["loss"]) == loss
+
+
+@pytest.mark.parametrize("param, message", [
+    (dict(alpha=-1), "mixup_param.alpha must be >= 0 (0: no mixup), got -1"),
+    (dict(alpha=0, cutmix_alpha=0), "alpha and cutmix_alpha are both 0"),
+    (dict(alpha=0.2, prob=1.5), "mixup_param.prob must be in [0, 1], got 1.5"),
+])
+def test_bad_mixup_params_are_one_line_checks(caffe, tmp_path, param, message):
+    out = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, %r); import caffe; caffe.Net(%r, 0)"
+                          % (os.path.dirname(os.path.dirname(caffe.__file__)), mixup_net(tmp_path, **param))],
+                         capture_output=True, text=True, env=GLOG_ENV)
+    assert out.returncode != 0 and message in out.stderr, out.stderr[-1500:]
+
+
+def test_gen_mixup_and_cutmix_train_on_both_engines(repo, tmp_path):
+    from conftest import make_sample_lmdbs
+    lmdb = make_sample_lmdbs(tmp_path, train=12, seed=2)
+    out = subprocess.run([sys.executable, "tools/gen_prototxt.py", "--variants", "tiny", "--out",
+                          str(tmp_path / "p"), "--lmdb-dir", lmdb, "--mode", "cpu", "--mixup", "0.2",
+                          "--cutmix", "1", "--max-iter", "12", "--test-interval", "6"],
+                         cwd=repo, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    text = (tmp_path / "p" / "tiny" / "train_val.prototxt").read_text()
+    assert ", mixup 0.2, cutmix 1." in text
+    net = pb2.NetParameter()
+    text_format.Merge(text, net)
+    order = [layer.type for layer in net.layer]
+    mixup = net.layer[order.index("Mixup")]
+    assert order[:3] == ["Data", "Data", "Mixup"] and list(mixup.bottom) == ["data", "label"]
+    assert list(mixup.top) == ["data", "label_mix", "mix_lambda"]
+    assert (mixup.mixup_param.alpha, mixup.mixup_param.cutmix_alpha) == (pytest.approx(0.2), 1)
+    loss = net.layer[order.index("SoftmaxWithLoss")]
+    assert list(loss.bottom)[1:] == ["label", "label_mix", "mix_lambda"]
+    assert "Mixup" not in (tmp_path / "p" / "tiny" / "deploy.prototxt").read_text()
+    for engine in ("binary", "pycaffe"):
+        run = subprocess.run(["bash", "scripts/train.sh", str(tmp_path / "p" / "tiny" / "solver.prototxt"),
+                              "--gpu", "cpu", "--engine", engine, "--runs-root", str(tmp_path / engine)],
+                             cwd=repo, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+    bad = subprocess.run([sys.executable, "tools/gen_prototxt.py", "--variants", "tiny", "--out", str(tmp_path / "q"),
+                          "--mixup", "-0.5"], cwd=repo, capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.strip().endswith("--mixup must be a finite alpha >= 0 (0: off), got -0.5")

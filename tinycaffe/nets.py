@@ -366,24 +366,46 @@ def _body(n, name, data, num_classes):
     return v.builder(n, data, num_classes=num_classes, **v.kwargs)
 
 
+MIXED = "data_mixed"  # the Mixup layer's data top while NetSpec builds; in place on "data" in the file
+
+
+def mix(n, data, label, alpha, cutmix_alpha):
+    """Mixup/CutMix of the TRAIN batch (Caffe patch 0016); TEST passes through. Returns the mixed
+    data, and the loss's extra bottoms: the partners' labels and lambda."""
+    n[MIXED], n.label_mix, n.mix_lambda = L.Mixup(data, label, name="mixup", ntop=3,
+                                                   mixup_param=dict(alpha=alpha, cutmix_alpha=cutmix_alpha))
+    return n[MIXED], [n.label_mix, n.mix_lambda]
+
+
+def in_place(proto, blob, on):
+    """Rename blob to `on` everywhere in proto: NetSpec cannot name a multi-top layer's top after its
+    bottom, and the mixed batch replaces the data as BatchNorm's output replaces its input."""
+    for layer in proto.layer:
+        for names in (layer.bottom, layer.top):
+            names[:] = [on if name == blob else name for name in names]
+
+
 def train_val(name, train_source, val_source, mean_file, num_classes, batch_size, test_batch_size, crop,
-              augmentation=None, label_smoothing=0.0, scale_decay=True):
+              augmentation=None, label_smoothing=0.0, scale_decay=True, mixup=0.0, cutmix=0.0):
     """TRAIN: random crop + mirror of the train LMDB, plus `augmentation` (transform_param fields,
     augment.train_transform's); TEST: center crop of val, nothing else; loss + top-1/top-5.
     label_smoothing: the loss's (Caffe patch 0014); scale_decay False: BatchNorm's Scale
-    (gamma, beta) learns without weight decay, as biases and PReLU slopes already do."""
+    (gamma, beta) learns without weight decay, as biases and PReLU slopes already do;
+    mixup / cutmix: the Beta alphas of a Mixup layer after the data (patch 0016), 0 for none."""
     n = caffe.NetSpec()
     transform = dict(crop_size=crop, mirror=True, mean_file=mean_file)
     transform.update(augmentation or {})
     n.data, n.label = L.Data(name="data", source=train_source, backend=P.Data.LMDB, batch_size=batch_size,
                              ntop=2, include=dict(phase=CAFFE_TRAIN), transform_param=transform)
-    logits = _body(n, name, n.data, num_classes)
-    n.loss = L.SoftmaxWithLoss(logits, n.label, name="loss")
+    data, mixed = mix(n, n.data, n.label, mixup, cutmix) if mixup or cutmix else (n.data, [])
+    logits = _body(n, name, data, num_classes)
+    n.loss = L.SoftmaxWithLoss(logits, n.label, *mixed, name="loss")
     n.accuracy_top1 = L.Accuracy(logits, n.label, name="accuracy_top1", include=dict(phase=CAFFE_TEST))
     n.accuracy_top5 = L.Accuracy(logits, n.label, name="accuracy_top5", include=dict(phase=CAFFE_TEST),
                                  accuracy_param=dict(top_k=5))
     proto = n.to_proto()
     proto.name = name
+    in_place(proto, MIXED, "data")
     # NetSpec cannot hold two layers with the same tops; Caffe's own train_val files
     # have a TRAIN and a TEST "data" layer, so add the TEST one to the message.
     test_data = proto.layer.add()

@@ -9,6 +9,7 @@ and the data it ran on), which a study keeps so that a changed space can never j
     params:                                # searchable values, each {type, low/high[, log] | choices}
       base_lr: {type: float, low: 0.001, high: 0.1, log: true}
       augment: {type: categorical, choices: [flip, colour]}
+      recipe: {type: categorical, choices: [paper, modern]}
     pruner: {median: {n_startup_trials: 2}}
 """
 import json
@@ -16,8 +17,8 @@ import os
 
 from . import augment, gen, nets, repo_path, solver as solvers
 
-GEN_PARAMS = ("batch_size", "augment", "solver", "crop")  # searched through gen.GenConfig
-SOLVER_PARAMS = ("base_lr", "weight_decay", "momentum", "gamma", "stepsize")  # SolverParameter fields
+GEN_PARAMS = ("batch_size", "augment", "solver", "crop", "recipe", "mixup", "cutmix")  # through gen.GenConfig
+SOLVER_PARAMS = ("base_lr", "weight_decay", "momentum", "gamma", "stepsize", "ema_decay")  # SolverParameter fields
 KINDS = ("float", "int", "categorical")
 PRUNERS = ("asha", "median", "threshold", "none")
 SAMPLERS = ("tpe", "random", "grid")
@@ -40,6 +41,10 @@ VALUE_RULES = {
     "weight_decay": ("float", lambda v: _number(v) and v >= 0, "a number >= 0"),
     "momentum": ("float", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "gamma": ("float", lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "recipe": ("choice", lambda v: v in solvers.RECIPES, "one of %s" % ", ".join(solvers.RECIPES)),
+    "mixup": ("float", lambda v: _number(v) and v >= 0, "a number >= 0 (0: off)"),
+    "cutmix": ("float", lambda v: _number(v) and v >= 0, "a number >= 0 (0: off)"),
+    "ema_decay": ("float", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1) (0: off)"),
 }
 
 # ---------------------------------------------------------------- the declared shape

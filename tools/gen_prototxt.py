@@ -74,6 +74,12 @@ def build_parser():
                    help="paper: the paper's step schedules (SGD); modern: the same base LR and length with a "
                         "1-epoch warmup, a cosine to 0, Nesterov, label smoothing 0.1, a tested weight EMA and no "
                         "decay on BatchNorm/Scale/bias/PReLU (Caffe patches 0013-0015) (default paper)")
+    p.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
+                   help="mixup of each TRAIN batch, lambda ~ Beta(ALPHA, ALPHA) (DeiT: 0.8, ResNet strikes back: 0.1-0.2), by a Mixup layer after "
+                        "the data and a loss on both labels (Caffe patch 0016) (default 0: off)")
+    p.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA",
+                   help="CutMix of each TRAIN batch, lambda ~ Beta(ALPHA, ALPHA) (timm and DeiT: 1.0); with --mixup too, "
+                        "each batch is one or the other, half the time each (default 0: off)")
     p.add_argument("--seed", type=int, default=solver.RANDOM_SEED,
                    help="solver random_seed (default %d)" % solver.RANDOM_SEED)
     return p
@@ -178,7 +184,7 @@ def main(argv=None):
                             schedule=args.schedule, solver=args.solver, mode=args.mode, max_iter=args.max_iter,
                             test_interval=args.test_interval,
                             num_classes=_num_classes(args), val_size=_val_size(args), seed=args.seed,
-                            augment=args.augment, recipe=args.recipe)
+                            augment=args.augment, recipe=args.recipe, mixup=args.mixup, cutmix=args.cutmix)
         written = gen.generate(names, cfg)
     except (ValueError, KeyError, OSError, CaffeNotFound, PrototxtError, data.DataError) as exc:
         return _fail(str(exc).strip("'\""))
