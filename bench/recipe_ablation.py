@@ -13,6 +13,7 @@ The pieces (tinycaffe/solver.py's modernise and gen.py's modern net):
   smoothing  label smoothing 0.1        -> none
   ema        weight EMA, tested         -> none
   norm_decay no decay on BatchNorm Scale -> decayed as in the paper's net
+  weight_decay the modern recipe's 5e-4  -> the variant's paper value (resnet_tiny: 1e-4)
 """
 import argparse
 import datetime
@@ -30,7 +31,7 @@ from google.protobuf import text_format  # noqa: E402
 
 from tinycaffe import caffe_env, gen  # noqa: E402
 
-PIECES = ("schedule", "nesterov", "smoothing", "ema", "norm_decay")
+PIECES = ("schedule", "nesterov", "smoothing", "ema", "norm_decay", "weight_decay")
 
 
 def build_parser():
@@ -90,6 +91,8 @@ def without(piece, solver, net, paper_solver, paper_net):
     elif piece == "ema":
         solver.ClearField("ema_decay")
         solver.ClearField("test_ema")
+    elif piece == "weight_decay":
+        solver.weight_decay = paper_solver.weight_decay
     elif piece == "norm_decay":
         paper_scales = {layer.name: layer for layer in paper_net.layer if layer.type == "Scale"}
         for layer in net.layer:

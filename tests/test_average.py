@@ -110,15 +110,51 @@ def test_a_runs_last_snapshots_averaged_and_evaluated(repo, tmp_path, caffe):
              for i in (8, 12)]
     avg = caffe.Net(os.path.join(run_dir, "deploy.prototxt"), averaged, caffe.TEST)
     for layer in avg.params:
-        np.testing.assert_allclose(avg.params[layer][0].data, (snaps[0].params[layer][0].data.astype(np.float64)
-                                                               + snaps[1].params[layer][0].data) / 2, rtol=1e-6,
-                                   atol=1e-8)
+        for i, blob in enumerate(avg.params[layer]):  # weights and biases
+            np.testing.assert_allclose(blob.data, (snaps[0].params[layer][i].data.astype(np.float64)
+                                                   + snaps[1].params[layer][i].data) / 2, rtol=1e-6, atol=1e-8)
     command = out.stdout.strip().splitlines()[-1]
     assert command.startswith("next: .venv/bin/python tools/evaluate.py --deploy ")
     evaluated = subprocess.run([sys.executable] + command.split()[2:] + ["--quiet"], cwd=repo, capture_output=True,
                                text=True)
     assert evaluated.returncode == 0 and "top-1" in evaluated.stdout, evaluated.stderr[-1500:]
+    many = average_tool(repo, run_dir, "--last", "9", "--out", os.path.join(run_dir, "all.caffemodel"))
+    assert many.returncode == 0 and "averaged 3 models (--last 9: the run has 3)" in many.stdout, many.stderr
     no_ema = subprocess.run([sys.executable, "tools/average_weights.py", run_dir, "--ema"], cwd=repo,
                             capture_output=True, text=True)
     assert no_ema.returncode == 1 and "0 moving averages (*_ema.caffemodel, from a solver with ema_decay)" \
         in no_ema.stderr
+
+
+def average_tool(repo, *args):
+    return subprocess.run([sys.executable, "tools/average_weights.py"] + [str(a) for a in args], cwd=repo,
+                          capture_output=True, text=True)
+
+
+def test_odd_inputs_are_one_line_and_write_nothing(caffe, tmp_path, repo):
+    a = snapshot(caffe, tmp_path, "a.caffemodel", 1, 1.0)[0]
+    b = snapshot(caffe, tmp_path, "b.caffemodel", 2, 1.0)[0]
+    empty = tmp_path / "empty.caffemodel"
+    empty.write_bytes(b"")
+    hdf5 = tmp_path / "h.caffemodel.h5"
+    hdf5.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)
+    out = tmp_path / "o.caffemodel"
+    cases = [
+        ((str(empty), a), "%s: no layer with weights (expected a .caffemodel that Caffe saved)" % empty),
+        ((a, str(empty)), "%s: no layer with weights" % empty),
+        ((a, a), "%s: given more than once (each model counts once in the average)" % a),
+        ((a, str(hdf5)), "%s: an HDF5 snapshot; this tool reads .caffemodel files" % hdf5),
+    ]
+    for models, needle in cases:
+        result = average_tool(repo, "--models", *models, "--out", out)
+        assert result.returncode == 1 and needle in result.stderr and len(result.stderr.strip().splitlines()) == 1, \
+            result.stderr
+    result = average_tool(repo, "--models", a, b, "--out", tmp_path / "missing" / "o.caffemodel")
+    assert result.returncode == 1 and "--out %s: folder %s does not exist" % (
+        tmp_path / "missing" / "o.caffemodel", tmp_path / "missing") in result.stderr
+    for flags in (["--last", "3"], ["--ema"]):
+        result = average_tool(repo, "--models", a, b, "--out", out, *flags)
+        assert result.returncode == 1 and "with --models, name the files to average" in result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["a.caffemodel", "b.caffemodel", "empty.caffemodel", "h.caffemodel.h5",
+                                            "net3.prototxt"]
+

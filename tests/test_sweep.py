@@ -491,3 +491,7 @@ def test_a_trial_takes_the_modern_recipes_knobs(lmdb_dir, tmp_path):
     mixup = [layer for layer in net.layer if layer.type == "Mixup"]
     assert len(mixup) == 1 and mixup[0].mixup_param.cutmix_alpha == pytest.approx(1.5)
     assert mixup[0].mixup_param.alpha == 0  # only the searched one
+    paper = sweep.prepare_trial(space, {"variant": "tiny", "recipe": "paper", "ema_decay": 0.9},
+                                str(tmp_path / "paper"), 3, "cpu")
+    solver = text_format.Merge(open(paper).read(), pb2.SolverParameter())
+    assert solver.lr_policy == "step" and solver.ema_decay == pytest.approx(0.9) and solver.test_ema

@@ -21,29 +21,43 @@ class AverageError(Exception):
 
 def run_snapshots(run_dir, last, ema=False):
     """The `last` newest snapshots of a run (their *_ema.caffemodel with ema), oldest first."""
-    models = sorted((p for p in glob.glob(os.path.join(glob.escape(run_dir), "snapshots", "*_iter_*.caffemodel"))
-                     if runs.is_model(p)), key=runs.snapshot_iteration)
+    snapshots = os.path.join(glob.escape(run_dir), "snapshots")
+    models = sorted((p for p in glob.glob(os.path.join(snapshots, "*_iter_*.caffemodel")) if runs.is_model(p)),
+                    key=runs.snapshot_iteration)
     if ema:
         models = [runs.ema_of(p) for p in models if runs.ema_of(p)]
     what = "moving averages (*_ema.caffemodel, from a solver with ema_decay)" if ema else "snapshot .caffemodel files"
     if len(models) < 2:
-        raise AverageError("%s: %d %s in snapshots/, expected at least 2 to average"
-                           % (run_dir, len(models), what))
+        hdf5 = glob.glob(os.path.join(snapshots, "*.caffemodel.h5"))
+        raise AverageError("%s: %d %s in snapshots/, expected at least 2 to average%s"
+                           % (run_dir, len(models), what, " (its HDF5 snapshots are not read: snapshot_format "
+                                                           "BINARYPROTO makes .caffemodel files)" if hdf5 else ""))
     return models[-last:]
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
 def read_model(path):
+    """A .caffemodel's NetParameter; refused in one line when it is not one, or holds no weights."""
     model = caffe_pb2().NetParameter()
     try:
         with open(path, "rb") as f:
-            model.ParseFromString(f.read())
+            content = f.read()
     except OSError as exc:
         raise AverageError("%s: cannot read (%s)" % (path, exc.strerror)) from exc
+    if content.startswith(HDF5_SIGNATURE):
+        raise AverageError("%s: an HDF5 snapshot; this tool reads .caffemodel files (snapshot_format BINARYPROTO)"
+                           % path)
+    try:
+        model.ParseFromString(content)
     except Exception as exc:  # protobuf's DecodeError
         raise AverageError("%s: not a .caffemodel (%s)" % (path, exc)) from exc
     if model.layers and not model.layer:
         raise AverageError("%s: a V1 .caffemodel (`layers`); upgrade it with Caffe's upgrade_net_proto_binary"
                            % path)
+    if not any(layer.blobs for layer in model.layer):
+        raise AverageError("%s: no layer with weights (expected a .caffemodel that Caffe saved)" % path)
     return model
 
 
@@ -74,6 +88,9 @@ def average(paths):
     """A NetParameter holding the mean of the models at paths (same layers, same shapes)."""
     if len(paths) < 2:
         raise AverageError("%d model(s) given, expected at least 2 to average" % len(paths))
+    twice = sorted({p for p in paths if [os.path.realpath(q) for q in paths].count(os.path.realpath(p)) > 1})
+    if twice:
+        raise AverageError("%s: given more than once (each model counts once in the average)" % twice[0])
     first = read_model(paths[0])
     expected = signature(first)
     sums = [[a.copy() for a in layer_arrays(layer)] for layer in first.layer if layer.blobs]
@@ -95,15 +112,24 @@ def average(paths):
 
 
 def write_average(paths, out_path):
-    """Average paths into out_path (atomically), with out_path + '.json' saying what it averages."""
+    """Average paths into out_path (atomically), with out_path + '.json' saying what it averages;
+    neither file is left when the other cannot be written."""
+    folder = os.path.dirname(os.path.abspath(out_path))
+    if not os.path.isdir(folder):
+        raise AverageError("--out %s: folder %s does not exist" % (out_path, folder))
     model = average(paths)
     if any(not np.isfinite(blob_values(b)).all() for layer in model.layer for b in layer.blobs):
         raise AverageError("%s: the average holds NaN or inf (a diverged snapshot among %s)"
                            % (out_path, ", ".join(os.path.basename(p) for p in paths)))
-    with atomic_open(out_path, "wb") as f:
-        f.write(model.SerializeToString())
     with atomic_open(out_path + ".json", "w") as f:
         json.dump({"averaged": [os.path.abspath(p) for p in paths],
                    "iterations": [runs.snapshot_iteration(p.replace(runs.EMA_SUFFIX, ".caffemodel")) for p in paths],
-                   "batchnorm": "statistics averaged as mean and variance (scale factor 1)"}, f, indent=1)
+                   "batchnorm": "running mean and variance averaged as statistics (scale factor 1), not "
+                                "recomputed on the train data as SWA does"}, f, indent=1)
+    try:
+        with atomic_open(out_path, "wb") as f:
+            f.write(model.SerializeToString())
+    except BaseException:
+        os.unlink(out_path + ".json")
+        raise
     return model

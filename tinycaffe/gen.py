@@ -15,6 +15,7 @@ DEFAULT_CROP = 60  # the paper's crop of the 64x64 images
 DEFAULT_NUM_CLASSES = 200  # Tiny ImageNet
 DEFAULT_VAL_SIZE = 10000  # Tiny ImageNet's val split; decides test_iter
 DEFAULT_TRAIN_SIZE = 100000  # Tiny ImageNet's train split: an epoch, for the modern recipe's warmup and EMA
+FLOAT32_MAX = 3.4028234663852886e38  # the largest value a float field of Caffe's messages holds
 
 
 @dataclass
@@ -97,7 +98,7 @@ def validate(cfg):
     if cfg.recipe not in solvers.RECIPES:
         raise ValueError("--recipe %s: unknown (valid: %s)" % (cfg.recipe, ", ".join(solvers.RECIPES)))
     for flag, value in (("--mixup", cfg.mixup), ("--cutmix", cfg.cutmix)):
-        if not value >= 0 or value == float("inf"):
+        if not 0 <= value <= FLOAT32_MAX:  # Caffe's field is a float: 1e40 would be inf there
             raise ValueError("%s must be a finite alpha >= 0 (0: off), got %s" % (flag, value))
     if cfg.batch_size is not None and cfg.batch_size < 1:
         raise ValueError("--batch-size must be >= 1, got %d" % cfg.batch_size)

@@ -21,7 +21,7 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a run directory made by train.sh (or use --models)")
-    p.add_argument("--last", type=int, default=average.DEFAULT_LAST,
+    p.add_argument("--last", type=int, default=None,
                    help="with RUN_DIR: how many of its newest snapshots (default %d)" % average.DEFAULT_LAST)
     p.add_argument("--ema", action="store_true",
                    help="with RUN_DIR: average the snapshots' moving averages (*_ema.caffemodel) instead "
@@ -43,15 +43,18 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if bool(args.run_dir) == bool(args.models):
         return _fail("give a RUN_DIR or --models (one of the two)")
-    if args.last < 2:
-        return _fail("--last must be >= 2, got %d" % args.last)
+    if args.models and (args.last is not None or args.ema):
+        return _fail("--last and --ema choose a RUN_DIR's snapshots; with --models, name the files to average")
+    last = average.DEFAULT_LAST if args.last is None else args.last
+    if last < 2:
+        return _fail("--last must be >= 2, got %d" % last)
     try:
         if args.run_dir:
             try:
                 runs.require_run_dir(args.run_dir)
             except runs.RunError as exc:
                 return _fail(str(exc).replace("--run-dir ", "RUN_DIR ", 1))
-            paths = average.run_snapshots(args.run_dir, args.last, args.ema)
+            paths = average.run_snapshots(args.run_dir, last, args.ema)
             out = args.out or os.path.join(args.run_dir, "averaged_last%d%s.caffemodel"
                                            % (len(paths), "_ema" if args.ema else ""))
         else:
@@ -61,7 +64,8 @@ def main(argv=None):
         average.write_average(paths, out)
     except (average.AverageError, runs.RunError, CaffeNotFound, OSError) as exc:
         return _fail(str(exc))
-    print("averaged %d models (%s) -> %s" % (len(paths), ", ".join(os.path.basename(p) for p in paths), out))
+    fewer = " (--last %d: the run has %d)" % (last, len(paths)) if args.run_dir and len(paths) < last else ""
+    print("averaged %d models%s (%s) -> %s" % (len(paths), fewer, ", ".join(os.path.basename(p) for p in paths), out))
     val = runs.test_lmdb(args.run_dir) if args.run_dir else None
     if val:
         print("next: .venv/bin/python tools/evaluate.py --deploy %s --weights %s --lmdb %s"
