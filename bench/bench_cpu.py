@@ -2,7 +2,7 @@
 """Caffe on CPU and PyTorch on CPU side by side: the same nets, the same batch and the same
 number of threads; ms per forward-backward and the ratio (goal: Caffe / PyTorch <= 1.0).
 
-    python3 bench/bench_cpu.py [--variants tiny,alexnet,alexnet_prelu,alexnet_prelu_bn,resnet_tiny]
+    python3 bench/bench_cpu.py [--variants tiny,alexnet,...] (default: all ten variants)
                                [--batch 64] [--iterations 5] [--rounds 3] [--threads N]
                                [--caffe NAME=CAFFE_BIN ...] [--layers] [--out FILE.json]
 
@@ -39,7 +39,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-DEFAULT_VARIANTS = "tiny,alexnet,alexnet_prelu,alexnet_prelu_bn,resnet_tiny"  # the issue's four + the newest small net
+DEFAULT_VARIANTS = ("tiny,alexnet,alexnet_small,alexnet_prelu,alexnet_prelu_bn,vgg_prelu_bn,resnet_tiny,resnet18,"
+                    "resnet34,inception_small")  # every variant: each has a twin (issue 25)
 DEFAULT_BATCH = 64        # the issue's batch
 DEFAULT_ITERATIONS = 3    # forward-backward passes per timing
 DEFAULT_ROUNDS = 3        # interleaved repetitions; the median is reported

@@ -29,7 +29,9 @@ def timing_net(variant, batch):
     for layer in net.layer:
         if layer.type == "Data":
             layer.data_param.batch_size = batch
-    patched = check.with_dummy_data(net, [])
+    # the LMDB's or mean file's shape where data/ has them, else Tiny ImageNet's 3x64x64 (a
+    # clone without the dataset can time the nets too)
+    patched = check.with_dummy_data(net, [], base=REPO, fallback=((3, 64, 64), "Tiny ImageNet's 64x64 images"))
     f = tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False)
     f.write(text_format.MessageToString(patched))
     f.close()

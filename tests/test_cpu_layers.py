@@ -1,9 +1,13 @@
-"""Patch 0011 (Caffe's CPU layers on OpenMP threads, several images per convolution GEMM):
-the rewritten layers still compute Caffe's functions. Each case is one real Caffe layer
-(Convolution, Pooling, ReLU, PReLU, BatchNorm) on an Input blob with force_backward:
+"""Patches 0011 (Caffe's CPU layers on OpenMP threads, several images per convolution GEMM)
+and 0017 (Scale, Eltwise SUM, Split and cross-channel LRN on threads): the rewritten layers
+still compute Caffe's functions. Each case is one real Caffe layer (Convolution, Pooling,
+ReLU, PReLU, BatchNorm; Scale, Eltwise, LRN, and the Split Caffe inserts before a blob used
+twice) on an Input blob with force_backward:
 
 - its gradients against finite differences, Caffe's GradientChecker method (central
   differences, step 1e-2, tolerance 1e-3 x max(|analytic|, |numeric|, 1)), through pycaffe;
+- for patch 0017's layers, the outputs and the whole input gradient against float64
+  references of Caffe's definitions;
 - its outputs and gradients with 1 thread and with 2 (OMP_NUM_THREADS, separate processes):
   equal bit for bit, except a convolution's weight and bias gradients and anything a
   convolution computes with several images per GEMM, whose sums are grouped by thread or
@@ -29,6 +33,11 @@ STEP, TOLERANCE = 1e-2, 1e-3  # Caffe's GradientChecker(1e-2, 1e-3)
 def layer(kind, params="", tops=("y",)):
     """The layer under test, "l", on the Input blob "x"."""
     return 'layer { name: "l" type: "%s" bottom: "x" %s %s }' % (kind, " ".join('top: "%s"' % t for t in tops), params)
+
+
+# a second bottom for Eltwise: x squared (x then feeds two or three bottoms, so Caffe inserts a
+# Split layer before them, whose backward pass patch 0017 rewrote too)
+SQUARE = 'layer { name: "sq" type: "Power" bottom: "x" top: "x2" power_param { power: 2 } }\n'
 
 
 def conv(params):
@@ -60,12 +69,27 @@ CASES = {
                                                                   "batch_norm_param { use_global_stats: false }",
                                                                   tops=("x",))),
     "batchnorm_global_statistics": ((16, 32, 9, 9), layer("BatchNorm", "batch_norm_param { use_global_stats: true }")),
+    # patch 0017
+    "scale_with_bias": ((16, 32, 9, 9), layer("Scale", "scale_param { bias_term: true }")),
+    "scale_with_bias_in_place": ((16, 32, 9, 9), layer("Scale", "scale_param { bias_term: true }", tops=("x",))),
+    "scale_without_bias": ((16, 32, 9, 9), layer("Scale")),
+    "scale_2d_blob": ((64, 600), layer("Scale", "scale_param { bias_term: true }")),
+    "scale_one_per_element": ((4, 8, 40, 40), layer("Scale", "scale_param { axis: 0 num_axes: -1 bias_term: true }")),
+    "eltwise_sum_coefficients_and_split": ((4, 8, 40, 40), SQUARE + (
+        'layer { name: "l" type: "Eltwise" bottom: "x" bottom: "x2" bottom: "x" top: "y" '
+        "eltwise_param { operation: SUM coeff: 1 coeff: -0.5 coeff: 2 } }")),
+    "eltwise_sum_two_bottoms": ((4, 8, 40, 40), SQUARE + (
+        'layer { name: "l" type: "Eltwise" bottom: "x2" bottom: "x" top: "y" }')),
+    "lrn_across_channels": ((4, 12, 9, 9), layer("LRN", "lrn_param { local_size: 5 alpha: 0.5 beta: 0.75 k: 1 }")),
+    "lrn_window_wider_than_channels": ((3, 2, 5, 5),
+                                       layer("LRN", "lrn_param { local_size: 5 alpha: 0.9 beta: 0.6 k: 2 }")),
 }
 # BatchNorm's blobs are statistics, not learned: Caffe computes no gradient for them.
 NO_PARAM_GRADIENTS = ("batchnorm_batch_statistics", "batchnorm_batch_statistics_in_place",
                       "batchnorm_global_statistics")
 # Every case is big enough for the patch's threads to start (parallel_ranges' thresholds:
-# pooling >= 16 planes, ReLU > 32768 values, PReLU and BatchNorm 32768 / plane size planes),
+# pooling >= 16 planes, ReLU, Eltwise and Split > 32768 values, PReLU, BatchNorm and Scale
+# 32768 / plane size planes, LRN 2 images),
 # so the 1-vs-2-threads test compares one thread with two.
 # What may differ between 1 and 2 threads: summed over images in another grouping.
 GROUPED_SUMS = {"conv_3x3_one_image_per_gemm": ("param",),
@@ -168,6 +192,118 @@ def test_gradients_match_finite_differences(caffe, tmp_path, name):
     for i, diff in enumerate([] if name in NO_PARAM_GRADIENTS else param_diffs):
         bad += [("param %d" % i,) + b for b in check_gradient(net, top, weights, i, diff)]
     assert not bad, "analytic vs numeric gradient (index, analytic, numeric): %s" % bad[:5]
+
+
+def lrn_reference(x, size, alpha, beta, k):
+    """Caffe's ACROSS_CHANNELS LRN: x / (k + alpha / size * sum of x^2 over the window)^beta,
+    the window from c - (size - 1) / 2, zero-padded."""
+    pre = (size - 1) // 2
+    square = np.pad(x * x, ((0, 0), (pre, size - 1 - pre), (0, 0), (0, 0)))
+    window = sum(square[:, i:i + x.shape[1]] for i in range(size))
+    return x / (k + alpha / size * window) ** beta
+
+
+def scale_reference(x, params):
+    scale = params[0]
+    axis = 0 if scale.shape == x.shape else 1
+    shape = (1,) * axis + scale.shape + (1,) * (x.ndim - axis - scale.ndim)
+    bias = params[1].reshape(shape) if len(params) > 1 else 0.0
+    return x * scale.reshape(shape) + bias
+
+
+# float64 references of the patch 0017 layers' outputs (finite differences check the
+# gradients against the outputs, so the outputs need their own check)
+REFERENCES = {
+    "scale_with_bias": scale_reference,
+    "scale_with_bias_in_place": scale_reference,
+    "scale_without_bias": scale_reference,
+    "scale_2d_blob": scale_reference,
+    "scale_one_per_element": scale_reference,
+    "eltwise_sum_coefficients_and_split": lambda x, p: x - 0.5 * x * x + 2 * x,
+    "eltwise_sum_two_bottoms": lambda x, p: x * x + x,
+    "lrn_across_channels": lambda x, p: lrn_reference(x, 5, 0.5, 0.75, 1.0),
+    "lrn_window_wider_than_channels": lambda x, p: lrn_reference(x, 5, 0.9, 0.6, 2.0),
+}
+
+
+def lrn_gradient_reference(x, r, size, alpha, beta, k):
+    """d sum(R * y) / dx of Caffe's LRN: R s^-beta - 2 alpha beta / size x sum over the windows
+    that hold x of R y / s."""
+    pre = (size - 1) // 2
+    square = np.pad(x * x, ((0, 0), (pre, size - 1 - pre), (0, 0), (0, 0)))
+    s = k + alpha / size * sum(square[:, i:i + x.shape[1]] for i in range(size))
+    ratio = r * x * s ** -beta / s
+    padded = np.pad(ratio, ((0, 0), (size - 1 - pre, pre), (0, 0), (0, 0)))
+    window = sum(padded[:, i:i + x.shape[1]] for i in range(size))
+    return r * s ** -beta - 2 * alpha * beta / size * x * window
+
+
+def scale_gradient_reference(x, r, params):
+    scale = params[0]
+    axis = 0 if scale.shape == x.shape else 1
+    return r * scale.reshape((1,) * axis + scale.shape + (1,) * (x.ndim - axis - scale.ndim))
+
+
+# float64 references of the whole input gradient (finite differences sample 24 elements)
+GRADIENT_REFERENCES = {
+    "scale_with_bias": scale_gradient_reference,
+    "scale_with_bias_in_place": scale_gradient_reference,
+    "scale_without_bias": scale_gradient_reference,
+    "scale_2d_blob": scale_gradient_reference,
+    "scale_one_per_element": scale_gradient_reference,
+    "eltwise_sum_coefficients_and_split": lambda x, r, p: r * (3 - x),
+    "eltwise_sum_two_bottoms": lambda x, r, p: r * (2 * x + 1),
+    "lrn_across_channels": lambda x, r, p: lrn_gradient_reference(x, r, 5, 0.5, 0.75, 1.0),
+    "lrn_window_wider_than_channels": lambda x, r, p: lrn_gradient_reference(x, r, 5, 0.9, 0.6, 2.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GRADIENT_REFERENCES))
+def test_input_gradients_match_a_float64_reference(caffe, tmp_path, name):
+    net, top, weights = build(caffe, tmp_path, name)
+    params = [b.data.astype(np.float64) for b in net.params.get("l", [])]
+    got, _ = analytic(net, top, weights)
+    expected = GRADIENT_REFERENCES[name](net.base_input.astype(np.float64), weights.astype(np.float64), params)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6 * float(np.abs(expected).max()))
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_outputs_match_a_float64_reference(caffe, tmp_path, name):
+    net, top, _ = build(caffe, tmp_path, name)
+    forward(net)
+    params = [b.data.astype(np.float64) for b in net.params.get("l", [])]
+    expected = REFERENCES[name](net.base_input.astype(np.float64), params)
+    got = net.blobs[top].data
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6 * float(np.abs(expected).max()))
+
+
+@pytest.mark.parametrize("images,accumulates", [(16, True), (1, False)])
+def test_scale_parameter_gradients_accumulate_as_in_caffe(caffe, tmp_path, images, accumulates):
+    """Two backward passes without zeroing the diffs (iter_size > 1): Caffe's Scale adds its
+    scale and bias gradients to what is there, except the scale of a single image of several
+    channels, which its GEMV overwrote (stock Caffe's rule, which patch 0017 keeps)."""
+    path = tmp_path / "scale.prototxt"
+    path.write_text(net_text((images, 32, 9, 9), layer("Scale", "scale_param { bias_term: true }")))
+    net = caffe.Net(str(path), caffe.TEST)
+    rng = np.random.default_rng(3)
+    net.blobs["x"].data[...] = rng.uniform(-1, 1, net.blobs["x"].data.shape)
+    net.params["l"][0].data[...] = rng.uniform(0.5, 1.5, 32)
+    net.forward()
+    net.blobs["y"].diff[...] = rng.uniform(-1, 1, net.blobs["y"].data.shape)
+    for blob in net.params["l"]:
+        blob.diff[...] = 0
+    net._backward(len(net.layers) - 1, 0)
+    once = [b.diff.copy() for b in net.params["l"]]
+    net._backward(len(net.layers) - 1, 0)
+    scale, bias = (b.diff for b in net.params["l"])
+    tolerance = dict(rtol=1e-5, atol=1e-6 * max(float(np.abs(once[0]).max()), float(np.abs(once[1]).max())))
+    np.testing.assert_allclose(scale, 2 * once[0] if accumulates else once[0], **tolerance)
+    np.testing.assert_allclose(bias, 2 * once[1], **tolerance)
+    expected_bias = net.blobs["y"].diff.astype(np.float64).sum(axis=(0, 2, 3))
+    np.testing.assert_allclose(once[1], expected_bias, rtol=1e-5, atol=1e-6 * float(np.abs(expected_bias).max()))
+    expected_scale = (net.blobs["y"].diff.astype(np.float64) * net.blobs["x"].data).sum(axis=(0, 2, 3))
+    np.testing.assert_allclose(once[0], expected_scale, rtol=1e-5, atol=1e-6 * float(np.abs(expected_scale).max()))
 
 
 RUNNER = r"""
