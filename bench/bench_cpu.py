@@ -3,7 +3,7 @@
 number of threads; ms per forward-backward and the ratio (goal: Caffe / PyTorch <= 1.0).
 
     python3 bench/bench_cpu.py [--variants tiny,alexnet,...] (default: all ten variants)
-                               [--batch 64] [--iterations 5] [--rounds 3] [--threads N]
+                               [--batch 64] [--iterations 3] [--rounds 3] [--threads N]
                                [--caffe NAME=CAFFE_BIN ...] [--layers] [--out FILE.json]
 
 Caffe: `caffe time` (no -gpu) on prototxt/<variant>/train_val.prototxt with the Data layers

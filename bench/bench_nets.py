@@ -31,7 +31,10 @@ def timing_net(variant, batch):
             layer.data_param.batch_size = batch
     # the LMDB's or mean file's shape where data/ has them, else Tiny ImageNet's 3x64x64 (a
     # clone without the dataset can time the nets too)
-    patched = check.with_dummy_data(net, [], base=REPO, fallback=((3, 64, 64), "Tiny ImageNet's 64x64 images"))
+    warnings = []
+    patched = check.with_dummy_data(net, warnings, base=REPO, fallback=((3, 64, 64), "Tiny ImageNet's 64x64 images"))
+    for warning in warnings:
+        print("%s: %s" % (variant, warning), file=sys.stderr)
     f = tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False)
     f.write(text_format.MessageToString(patched))
     f.close()

@@ -75,6 +75,8 @@ CASES = {
     "scale_without_bias": ((16, 32, 9, 9), layer("Scale")),
     "scale_2d_blob": ((64, 600), layer("Scale", "scale_param { bias_term: true }")),
     "scale_one_per_element": ((4, 8, 40, 40), layer("Scale", "scale_param { axis: 0 num_axes: -1 bias_term: true }")),
+    "scale_scalar": ((16, 32, 9, 9), layer("Scale", "scale_param { num_axes: 0 bias_term: true }")),
+    "scale_per_image": ((16, 32, 9, 9), layer("Scale", "scale_param { axis: 0 num_axes: 1 bias_term: true }")),
     "eltwise_sum_coefficients_and_split": ((4, 8, 40, 40), SQUARE + (
         'layer { name: "l" type: "Eltwise" bottom: "x" bottom: "x2" bottom: "x" top: "y" '
         "eltwise_param { operation: SUM coeff: 1 coeff: -0.5 coeff: 2 } }")),
@@ -83,6 +85,7 @@ CASES = {
     "lrn_across_channels": ((4, 12, 9, 9), layer("LRN", "lrn_param { local_size: 5 alpha: 0.5 beta: 0.75 k: 1 }")),
     "lrn_window_wider_than_channels": ((3, 2, 5, 5),
                                        layer("LRN", "lrn_param { local_size: 5 alpha: 0.9 beta: 0.6 k: 2 }")),
+    "lrn_beta_one": ((4, 12, 9, 9), layer("LRN", "lrn_param { local_size: 3 alpha: 0.3 beta: 1 k: 1.5 }")),
 }
 # BatchNorm's blobs are statistics, not learned: Caffe computes no gradient for them.
 NO_PARAM_GRADIENTS = ("batchnorm_batch_statistics", "batchnorm_batch_statistics_in_place",
@@ -203,10 +206,16 @@ def lrn_reference(x, size, alpha, beta, k):
     return x / (k + alpha / size * window) ** beta
 
 
+def scale_shape(x, scale):
+    """The broadcast shape of a Scale parameter: axis 1 (Caffe's default) unless it is the
+    whole blob's or one per image (axis 0)."""
+    axis = 0 if scale.shape in (x.shape, x.shape[:1]) and scale.ndim else 1
+    return (1,) * axis + scale.shape + (1,) * (x.ndim - axis - scale.ndim)
+
+
 def scale_reference(x, params):
     scale = params[0]
-    axis = 0 if scale.shape == x.shape else 1
-    shape = (1,) * axis + scale.shape + (1,) * (x.ndim - axis - scale.ndim)
+    shape = scale_shape(x, scale)
     bias = params[1].reshape(shape) if len(params) > 1 else 0.0
     return x * scale.reshape(shape) + bias
 
@@ -219,10 +228,13 @@ REFERENCES = {
     "scale_without_bias": scale_reference,
     "scale_2d_blob": scale_reference,
     "scale_one_per_element": scale_reference,
+    "scale_per_image": scale_reference,
+    "scale_scalar": scale_reference,
     "eltwise_sum_coefficients_and_split": lambda x, p: x - 0.5 * x * x + 2 * x,
     "eltwise_sum_two_bottoms": lambda x, p: x * x + x,
     "lrn_across_channels": lambda x, p: lrn_reference(x, 5, 0.5, 0.75, 1.0),
     "lrn_window_wider_than_channels": lambda x, p: lrn_reference(x, 5, 0.9, 0.6, 2.0),
+    "lrn_beta_one": lambda x, p: lrn_reference(x, 3, 0.3, 1.0, 1.5),
 }
 
 
@@ -239,9 +251,7 @@ def lrn_gradient_reference(x, r, size, alpha, beta, k):
 
 
 def scale_gradient_reference(x, r, params):
-    scale = params[0]
-    axis = 0 if scale.shape == x.shape else 1
-    return r * scale.reshape((1,) * axis + scale.shape + (1,) * (x.ndim - axis - scale.ndim))
+    return r * params[0].reshape(scale_shape(x, params[0]))
 
 
 # float64 references of the whole input gradient (finite differences sample 24 elements)
@@ -251,10 +261,13 @@ GRADIENT_REFERENCES = {
     "scale_without_bias": scale_gradient_reference,
     "scale_2d_blob": scale_gradient_reference,
     "scale_one_per_element": scale_gradient_reference,
+    "scale_per_image": scale_gradient_reference,
+    "scale_scalar": scale_gradient_reference,
     "eltwise_sum_coefficients_and_split": lambda x, r, p: r * (3 - x),
     "eltwise_sum_two_bottoms": lambda x, r, p: r * (2 * x + 1),
     "lrn_across_channels": lambda x, r, p: lrn_gradient_reference(x, r, 5, 0.5, 0.75, 1.0),
     "lrn_window_wider_than_channels": lambda x, r, p: lrn_gradient_reference(x, r, 5, 0.9, 0.6, 2.0),
+    "lrn_beta_one": lambda x, r, p: lrn_gradient_reference(x, r, 3, 0.3, 1.0, 1.5),
 }
 
 
@@ -304,6 +317,74 @@ def test_scale_parameter_gradients_accumulate_as_in_caffe(caffe, tmp_path, image
     np.testing.assert_allclose(once[1], expected_bias, rtol=1e-5, atol=1e-6 * float(np.abs(expected_bias).max()))
     expected_scale = (net.blobs["y"].diff.astype(np.float64) * net.blobs["x"].data).sum(axis=(0, 2, 3))
     np.testing.assert_allclose(once[0], expected_scale, rtol=1e-5, atol=1e-6 * float(np.abs(expected_scale).max()))
+
+
+def two_input_net(tmp_path, shapes, text):
+    """A net with Inputs x and z of the given shapes, then text; force_backward."""
+    dims = " ".join("shape { %s }" % " ".join("dim: %d" % d for d in shape) for shape in shapes)
+    path = tmp_path / "two.prototxt"
+    path.write_text('force_backward: true\nlayer { name: "in" type: "Input" top: "x" top: "z" input_param { %s } }\n%s\n'
+                    % (dims, text))
+    return str(path)
+
+
+def test_scale_from_a_second_bottom_overwrites_its_diff(caffe, tmp_path):
+    """The scale as bottom[1] (with a learned bias): y = x * z + b; z's diff is written (not
+    added to), its gradient sum(dy * x) over images and pixels; the bias's is added to."""
+    text = 'layer { name: "l" type: "Scale" bottom: "x" bottom: "z" top: "y" scale_param { axis: 1 bias_term: true } }'
+    net = caffe.Net(two_input_net(tmp_path, [(8, 16, 9, 9), (16,)], text), caffe.TEST)
+    rng = np.random.default_rng(5)
+    x = rng.uniform(-1, 1, (8, 16, 9, 9)).astype(np.float32)
+    z = rng.uniform(0.5, 1.5, 16).astype(np.float32)
+    net.blobs["x"].data[...], net.blobs["z"].data[...] = x, z
+    net.params["l"][0].data[...] = rng.uniform(-0.5, 0.5, 16)
+    net.forward()
+    b = net.params["l"][0].data.astype(np.float64)
+    expected = x.astype(np.float64) * z[None, :, None, None] + b[None, :, None, None]
+    np.testing.assert_allclose(net.blobs["y"].data, expected, rtol=1e-6, atol=1e-6)
+    dy = rng.uniform(-1, 1, x.shape).astype(np.float32)
+    net.blobs["y"].diff[...] = dy
+    net.blobs["z"].diff[...] = 0.25
+    net.params["l"][0].diff[...] = 0.25
+    net._backward(len(net.layers) - 1, 0)
+    d64 = dy.astype(np.float64)
+    tolerance = lambda e: dict(rtol=1e-5, atol=1e-6 * float(np.abs(e).max()))  # noqa: E731
+    np.testing.assert_allclose(net.blobs["x"].diff, d64 * z[None, :, None, None], **tolerance(d64))
+    bias = d64.sum(axis=(0, 2, 3)) + 0.25
+    np.testing.assert_allclose(net.params["l"][0].diff, bias, **tolerance(bias))
+    scale = (d64 * x).sum(axis=(0, 2, 3))
+    np.testing.assert_allclose(net.blobs["z"].diff, scale, **tolerance(scale))
+
+
+def test_eltwise_sum_in_place_adds_as_caffe_does(caffe, tmp_path):
+    """In place (top = bottom[0]), Caffe's zero fill wipes bottom[0] before its AXPYs: with
+    coefficients 2 and -1 the top is -z, not 2x - z. Patch 0017 keeps that."""
+    text = ('layer { name: "l" type: "Eltwise" bottom: "x" bottom: "z" top: "x" '
+            "eltwise_param { operation: SUM coeff: 2 coeff: -1 } }")
+    net = caffe.Net(two_input_net(tmp_path, [(4, 8, 40, 40), (4, 8, 40, 40)], text), caffe.TEST)
+    rng = np.random.default_rng(6)
+    net.blobs["x"].data[...] = rng.uniform(-1, 1, (4, 8, 40, 40))
+    z = rng.uniform(-1, 1, (4, 8, 40, 40)).astype(np.float32)
+    net.blobs["z"].data[...] = z
+    net.forward()
+    np.testing.assert_array_equal(net.blobs["x"].data, -z)
+
+
+def test_scale_by_zero_propagates_nan(caffe, tmp_path):
+    """NaN and inf times a zero scale are NaN (IEEE), so a diverged blob stays visibly NaN. Stock
+    Caffe's CPU Scale went through OpenBLAS 0.3.21's sscal, which writes zeros for a zero
+    factor and hid them; patch 0017's loop multiplies (this test fails on the build before it)."""
+    path = tmp_path / "zero.prototxt"
+    path.write_text(net_text((2, 3, 2, 2), layer("Scale")))
+    net = caffe.Net(str(path), caffe.TEST)
+    x = np.ones((2, 3, 2, 2), np.float32)
+    x[0, 0, 0, 0], x[1, 0, 1, 1] = np.nan, np.inf
+    net.blobs["x"].data[...] = x
+    net.params["l"][0].data[...] = [0.0, 1.0, 2.0]
+    net.forward()
+    y = net.blobs["y"].data
+    assert np.isnan(y[0, 0, 0, 0]) and np.isnan(y[1, 0, 1, 1])
+    assert np.count_nonzero(np.isnan(y)) == 2 and y[0, 0, 0, 1] == 0 and y[0, 2, 0, 0] == 2
 
 
 RUNNER = r"""
