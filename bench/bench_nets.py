@@ -25,14 +25,15 @@ from tinycaffe.caffe_env import caffe_binary  # noqa: E402
 
 
 def timing_net(variant, batch):
-    _, net = check.parse(os.path.join(REPO, "prototxt", variant, "train_val.prototxt"))
+    path = os.path.join(REPO, "prototxt", variant, "train_val.prototxt")
+    _, net = check.parse(path)
     for layer in net.layer:
         if layer.type == "Data":
             layer.data_param.batch_size = batch
-    # the LMDB's or mean file's shape where data/ has them, else Tiny ImageNet's 3x64x64 (a
-    # clone without the dataset can time the nets too)
+    # the LMDB's or mean file's shape where data/ has them, else what --check takes: the Input
+    # of the deploy.prototxt beside it (a clone without the dataset can time the nets too)
     warnings = []
-    patched = check.with_dummy_data(net, warnings, base=REPO, fallback=((3, 64, 64), "Tiny ImageNet's 64x64 images"))
+    patched = check.with_dummy_data(net, warnings, base=REPO, fallback=check.input_fallback(path, {}))
     for warning in warnings:
         print("%s: %s" % (variant, warning), file=sys.stderr)
     f = tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False)

@@ -1,7 +1,8 @@
 """bench/bench_nets.py's timing nets, which bench_cpu.py, bench_gpu.py and bench_nets.py time
 with `caffe time`: every variant's train_val net with its Data layers turned into DummyData,
 in a clone without the dataset too (the committed prototxt/ names data/lmdb, which a fresh
-clone does not have: the nets then take Tiny ImageNet's 3x64x64 images)."""
+clone does not have: the nets then take the shape of the deploy.prototxt beside them, as
+--check does)."""
 import os
 import sys
 

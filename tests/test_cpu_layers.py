@@ -197,13 +197,21 @@ def test_gradients_match_finite_differences(caffe, tmp_path, name):
     assert not bad, "analytic vs numeric gradient (index, analytic, numeric): %s" % bad[:5]
 
 
+def channel_windows(a, before, size):
+    """For each channel c, the sum of a over channels c - before .. c - before + size - 1,
+    zero outside the blob."""
+    padded = np.pad(a, ((0, 0), (before, size - 1 - before), (0, 0), (0, 0)))
+    return sum(padded[:, i:i + a.shape[1]] for i in range(size))
+
+
+def lrn_scale(x, size, alpha, k):
+    """Caffe's LRN scale: k + alpha / size * the sum of x^2 over the window from c - (size - 1) / 2."""
+    return k + alpha / size * channel_windows(x * x, (size - 1) // 2, size)
+
+
 def lrn_reference(x, size, alpha, beta, k):
-    """Caffe's ACROSS_CHANNELS LRN: x / (k + alpha / size * sum of x^2 over the window)^beta,
-    the window from c - (size - 1) / 2, zero-padded."""
-    pre = (size - 1) // 2
-    square = np.pad(x * x, ((0, 0), (pre, size - 1 - pre), (0, 0), (0, 0)))
-    window = sum(square[:, i:i + x.shape[1]] for i in range(size))
-    return x / (k + alpha / size * window) ** beta
+    """Caffe's ACROSS_CHANNELS LRN: x / scale^beta."""
+    return x / lrn_scale(x, size, alpha, k) ** beta
 
 
 def scale_shape(x, scale):
@@ -241,12 +249,10 @@ REFERENCES = {
 def lrn_gradient_reference(x, r, size, alpha, beta, k):
     """d sum(R * y) / dx of Caffe's LRN: R s^-beta - 2 alpha beta / size x sum over the windows
     that hold x of R y / s."""
-    pre = (size - 1) // 2
-    square = np.pad(x * x, ((0, 0), (pre, size - 1 - pre), (0, 0), (0, 0)))
-    s = k + alpha / size * sum(square[:, i:i + x.shape[1]] for i in range(size))
+    s = lrn_scale(x, size, alpha, k)
     ratio = r * x * s ** -beta / s
-    padded = np.pad(ratio, ((0, 0), (size - 1 - pre, pre), (0, 0), (0, 0)))
-    window = sum(padded[:, i:i + x.shape[1]] for i in range(size))
+    # the windows that hold channel c start at c - (size - 1 - pre) .. c + pre: the transpose
+    window = channel_windows(ratio, size - 1 - (size - 1) // 2, size)
     return r * s ** -beta - 2 * alpha * beta / size * x * window
 
 
