@@ -4,9 +4,15 @@
 #
 #   scripts/install_caffe.sh [--cpu|--cuda] [--arch "80 90"] [--no-cudnn]
 #                            [--python PY] [--jobs N] [--force]
+#   scripts/install_caffe.sh --opencv-tools [--jobs N] [--force]
 #
 # Flavours: --cpu (caffe-1.0-cpu) or --cuda (caffe-1.0-cuda: CUDA 12/13, cuDNN 8/9,
 # NCCL). Neither: keep the flavour that is active now (a GPU box stays GPU), else CPU.
+#
+# --opencv-tools: the same source and patches built on the CPU with OpenCV and without
+# pycaffe, into $TINYCAFFE_HOME/caffe-1.0-cpu-opencv, for Caffe's own convert_imageset and
+# compute_image_mean as bench/bench_make_lmdb.py's anchor (convert_imageset reads JPEGs only
+# through OpenCV). It is never activated: tinycaffe keeps using the flavour above.
 #
 # Environment:
 #   TINYCAFFE_HOME  cache root (default $HOME/.cache/tinycaffe); builds land in
@@ -42,6 +48,8 @@ BUILD_DEPS=(cmake g++ make patch dpkg-dev pkg-config debian-archive-keyring
   libgoogle-glog-dev libgflags-dev libprotobuf-dev protobuf-compiler
   libhdf5-dev liblmdb-dev libsnappy-dev libopenblas-dev
   libopenblas0-openmp)
+# What --opencv-tools adds: OpenCV's decoders, which Caffe's io.cpp (and so convert_imageset) uses.
+OPENCV_DEPS=(libopencv-dev)  # its OpenCVConfig.cmake is what Caffe's CMake looks for
 # The CPU flavour links OpenBLAS's OpenMP build, by path (RUNPATH points libcaffe at it, so the
 # system's alternatives choice does not matter): patch 0011 runs Caffe's CPU layers on OpenMP
 # threads, and inside those threads this OpenBLAS computes on one thread instead of starting
@@ -65,6 +73,7 @@ FLAVOUR=""        # cpu | cuda; empty = keep the active one, else cpu
 PYTHON_BIN="${PYTHON:-}"
 JOBS="${CAFFE_JOBS:-$(nproc)}"
 FORCE=0
+OPENCV_TOOLS=0    # --opencv-tools: the bench's anchor build (above), nothing activated
 USE_CUDNN=ON      # --no-cudnn: Caffe's own convolution kernels (for comparison)
 ARCH_BIN="${CUDA_ARCH_BIN:-}"
 CUDA_LIBS="${CUDA_LIBS:-auto}"
@@ -77,11 +86,16 @@ while [ $# -gt 0 ]; do
     --python) PYTHON_BIN="${2:?--python needs an interpreter path}"; shift ;;
     --jobs) JOBS="${2:?--jobs needs a number}"; shift ;;
     --force) FORCE=1 ;;
+    --opencv-tools) OPENCV_TOOLS=1 ;;
     -h|--help) usage; exit 0 ;;
-    *) die "unknown option '$1' (valid: --cpu, --cuda, --arch LIST, --no-cudnn, --python PY, --jobs N, --force, --help)" ;;
+    *) die "unknown option '$1' (valid: --cpu, --cuda, --arch LIST, --no-cudnn, --python PY, --jobs N, --force, --opencv-tools, --help)" ;;
   esac
   shift
 done
+if [ "$OPENCV_TOOLS" -eq 1 ]; then
+  [ -z "$FLAVOUR" ] || [ "$FLAVOUR" = cpu ] || die "--opencv-tools builds the CPU flavour only: drop --$FLAVOUR"
+  FLAVOUR=cpu
+fi
 case "$CUDA_LIBS" in auto|system|wheels) ;; *) die "CUDA_LIBS=$CUDA_LIBS (valid: auto, system, wheels)" ;; esac
 if [ "$FLAVOUR" != cuda ] && { [ -n "$ARCH_BIN" ] && [ -z "${CUDA_ARCH_BIN:-}" ] || [ "$USE_CUDNN" = OFF ]; }; then
   die "--arch and --no-cudnn are options of the CUDA flavour: add --cuda"
@@ -393,6 +407,7 @@ apply_patches() {  # $1 = source tree
 build_stamp() {  # what must match for a cached prefix to be reused
   local extra=""
   if [ "$FLAVOUR" = cpu ]; then extra=" blas=openblas-openmp openmp=on"; fi
+  if [ "$OPENCV_TOOLS" -eq 1 ]; then extra="$extra opencv=on pycaffe=off"; fi
   if [ "$FLAVOUR" = cuda ]; then
     extra=" cuda=$CUDA_VERSION arch=${ARCH_BIN// /,}+ptx$ARCH_PTX cudnn=$USE_CUDNN libs=$CUDA_LIBS"
     extra="$extra pins=$(sha256sum < "$REPO/scripts/cuda-libs/cu$CUDA_MAJOR.txt" | cut -c1-8)"
@@ -406,6 +421,11 @@ flavour_cmake_args() {  # printed one per line
     cuda_cmake_args
   else
     printf '%s\n' -DCPU_ONLY=ON -DUSE_OPENMP=ON "-DOpenBLAS_LIB=$OPENMP_OPENBLAS"
+  fi
+  if [ "$OPENCV_TOOLS" -eq 1 ]; then
+    printf '%s\n' -DUSE_OPENCV=ON -DBUILD_python=OFF
+  else
+    printf '%s\n' -DUSE_OPENCV=OFF -DBUILD_python=ON
   fi
 }
 
@@ -426,8 +446,7 @@ build_caffe() {
   # shellcheck disable=SC2046
   (cd "$work/build" && cmake ../src -DCMAKE_BUILD_TYPE=Release \
       -DCMAKE_INSTALL_PREFIX="$PREFIX" "${flavour_args[@]}" \
-      -DUSE_OPENCV=OFF -DUSE_LEVELDB=OFF -DUSE_LMDB=ON -DBLAS=Open \
-      -DBUILD_python=ON -Dpython_version=3 -DBUILD_docs=OFF -DBUILD_matlab=OFF \
+      -DUSE_LEVELDB=OFF -DUSE_LMDB=ON -DBLAS=Open -Dpython_version=3 -DBUILD_docs=OFF -DBUILD_matlab=OFF \
       -DPYTHON_EXECUTABLE="$PYTHON_BIN" $(python_cmake_args) > "$work/cmake.log" 2>&1) \
     || { tail -30 "$work/cmake.log" >&2; die "cmake configure failed (log above)"; }
   if [ "$FLAVOUR" = cuda ]; then
@@ -520,7 +539,26 @@ cuda_check() {  # $1 = prefix, $2 = caffe binary: the architectures in libcaffe,
   fi
 }
 
+opencv_tools_main() {  # --opencv-tools: build (or reuse) the anchor build; caffe.env is not touched
+  choose_python
+  PREFIX="$TINYCAFFE_HOME/caffe-1.0-cpu-opencv"
+  if [ "$FORCE" -eq 0 ] && [ -f "$PREFIX/.tinycaffe-build" ] \
+      && head -1 "$PREFIX/.tinycaffe-build" | grep -qxF "$(build_stamp)"; then
+    log "cached build matches ($PREFIX): nothing to build"
+  else
+    ensure_build_deps "${BUILD_DEPS[@]}" "${OPENCV_DEPS[@]}"
+    build_caffe
+  fi
+  local tool
+  for tool in convert_imageset compute_image_mean; do
+    [ -x "$PREFIX/bin/$tool" ] || die "no $PREFIX/bin/$tool after the build"
+  done
+  ldd "$PREFIX/lib/libcaffe.so" | grep -q 'libopencv_imgcodecs' || die "$PREFIX/lib/libcaffe.so is not linked with OpenCV"
+  log "Caffe's tools with OpenCV: $PREFIX/bin (not activated; tinycaffe's Caffe is unchanged)"
+}
+
 main() {
+  if [ "$OPENCV_TOOLS" -eq 1 ]; then mkdir -p "$TINYCAFFE_HOME"; opencv_tools_main; return; fi
   choose_flavour
   mkdir -p "$TINYCAFFE_HOME"
   choose_python

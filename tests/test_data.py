@@ -1,4 +1,5 @@
 """tools/make_lmdb.py: exact Datums, orders, mean, and bad input (real LMDB, real Caffe)."""
+import io
 import json
 import os
 import shutil
@@ -139,6 +140,26 @@ def test_seed_decides_train_order(dataset, tmp_path):
     ka, kb, kc = ([k for k, _ in records(str(tmp_path / x / "train_lmdb"))] for x in "abc")
     assert ka == kb != kc
     assert a["source_fingerprint"] == b["source_fingerprint"] == c["source_fingerprint"]
+    # the mean and the colour PCA are sums of exact integers: the same whatever the workers and order
+    assert a["mean_bgr"] == b["mean_bgr"] == c["mean_bgr"] and a["pca_bgr"] == b["pca_bgr"] == c["pca_bgr"]
+
+
+@pytest.mark.parametrize("images, side", [(0, 64), (1, 64), (2, 64), (3, 64), (64, 64), (5, 100), (9, 16), (2, 200)])
+def test_pixel_stats_are_the_exact_sums_over_every_pixel(images, side):
+    """The workers' batched sums (blocks of whole images, DOT_BLOCK pixels) equal a float64
+    sum of x x^T image by image, bit for bit, for counts and sizes on both sides of a block."""
+    rng = np.random.default_rng(images * 1000 + side)
+    planes = rng.integers(0, 256, (images, 3 * side * side), dtype=np.uint8)
+    planes[:, :side] = 255  # the largest products, so a lost or doubled term shows
+    pixel_sum, products = data.pixel_stats(planes)
+    expected = np.zeros((3, 3))
+    for image in planes:
+        channels = image.reshape(3, -1).astype(np.float64)
+        expected += channels @ channels.T
+    np.testing.assert_array_equal(products, expected)
+    np.testing.assert_array_equal(pixel_sum, planes.astype(np.uint64).sum(0))
+    assert pixel_sum.dtype == np.uint32
+    assert data.pixel_stats(planes, products=False)[1] is None
 
 
 def test_mean_matches_caffe_compute_image_mean(built, tmp_path):
@@ -387,3 +408,140 @@ def test_lmdb_info_on_an_empty_lmdb_is_one_line(repo, tmp_path):
     assert run.returncode == 1 and "Traceback" not in run.stderr and run.stdout == ""
     assert run.stderr.strip() == "lmdb_info.py: error: %s is empty (no records): make_lmdb.py writes every split it " \
                                  "lists" % (tmp_path / "empty_lmdb")
+
+
+# ---------------------------------------------------------------- the plain-JPEG fast path
+def _noise_image(mode, size=(64, 64), seed=0):
+    rng = np.random.default_rng(seed)
+    bands = {"L": 1, "RGB": 3, "CMYK": 4}[mode]
+    # smooth noise, so the JPEG is a realistic photo-like stream and not all high frequency
+    small = rng.integers(0, 256, (size[1] // 8 + 1, size[0] // 8 + 1, bands), dtype=np.uint8)
+    img = Image.fromarray(small.squeeze() if bands == 1 else small, "L" if bands == 1 else None)
+    img = img.convert(mode) if mode == "CMYK" else img
+    return img.resize(size, Image.Resampling.BILINEAR)
+
+
+def _jpeg_bytes(img, **save):
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **save)
+    return buf.getvalue()
+
+
+def _image_open_rgb(raw):
+    with Image.open(io.BytesIO(raw)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _exif_bytes():
+    exif = Image.Exif()
+    exif[0x010E] = "tinycaffe"  # ImageDescription
+    return exif.tobytes()
+
+
+PLAIN_JPEGS = {
+    "baseline 4:2:0": ("RGB", {}),
+    "4:4:4": ("RGB", {"subsampling": 0, "quality": 95}),
+    "4:2:2": ("RGB", {"subsampling": 1}),
+    "progressive": ("RGB", {"progressive": True}),
+    "optimized Huffman": ("RGB", {"optimize": True}),
+    "restart markers": ("RGB", {"restart_marker_blocks": 3}),
+    "EXIF, ICC and a comment": ("RGB", {"exif": _exif_bytes(), "icc_profile": b"\x00" * 300,
+                                        "comment": b"tinycaffe"}),
+    "grayscale": ("L", {}),
+    "quality 100": ("RGB", {"quality": 100}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PLAIN_JPEGS))
+def test_plain_jpeg_fast_path_gives_image_open_pixels(kind):
+    """Plain 64x64 JPEGs go straight to Pillow's JPEG decoder (no Python header parse) and give
+    exactly the pixels Image.open gives, for every encoder setting the release's files could have."""
+    mode, save = PLAIN_JPEGS[kind]
+    raw = _jpeg_bytes(_noise_image(mode), **save)
+    assert data.jpeg_frame(raw) == (64, 64, 1 if mode == "L" else 3)
+    assert data._decode_plain_jpeg(raw, 64) is not None  # the fast path is the one taken
+    pixels, source_mode, resized = data.read_rgb("x.JPEG", 64, raw)
+    np.testing.assert_array_equal(pixels, _image_open_rgb(raw))
+    assert (source_mode, resized) == (mode, False)
+
+
+def _with_fill_byte(raw):
+    return raw[:2] + b"\xff" + raw[2:]  # a fill byte before the first marker: legal, unusual
+
+
+def _with_second_frame(raw):
+    sof = raw.index(b"\xff\xc0")
+    length = int.from_bytes(raw[sof + 2:sof + 4], "big")
+    return raw[:sof] + raw[sof:sof + 2 + length] + raw[sof:]
+
+
+IRREGULAR = {
+    "another size (resized)": lambda: _jpeg_bytes(_noise_image("RGB", (80, 70))),
+    "CMYK": lambda: _jpeg_bytes(_noise_image("CMYK")),
+    "PNG named .JPEG": lambda: (lambda b: (_noise_image("RGB").save(b, "PNG"), b.getvalue())[1])(io.BytesIO()),
+    "fill byte before a marker": lambda: _with_fill_byte(_jpeg_bytes(_noise_image("RGB"))),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(IRREGULAR))
+def test_irregular_images_go_through_image_open(kind):
+    raw = IRREGULAR[kind]()
+    assert data._decode_plain_jpeg(raw, 64) is None
+    pixels, _, resized = data.read_rgb("x.JPEG", 64, raw)
+    expected = _image_open_rgb(raw)
+    if resized:
+        with Image.open(io.BytesIO(raw)) as im:
+            expected = np.asarray(im.convert("RGB").resize((64, 64), Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(pixels, expected)
+    assert resized == (kind == "another size (resized)")
+
+
+@pytest.mark.parametrize("cut", ["header", "scan"])
+def test_cut_off_jpeg_fails_with_image_opens_message(cut):
+    raw = _jpeg_bytes(_noise_image("RGB"))
+    raw = raw[:raw.index(b"\xff\xda") - 3] if cut == "header" else raw[:len(raw) // 2]
+    with pytest.raises(Exception) as theirs:
+        with Image.open(io.BytesIO(raw)) as im:
+            im.load()
+    with pytest.raises(data.BadImage) as ours:
+        data.read_rgb("cut.JPEG", 64, raw)
+    assert str(ours.value) == "cut.JPEG: cannot decode (%s)" % theirs.value
+
+
+def test_jpeg_frame_refuses_what_libjpeg_might_read_otherwise():
+    raw = _jpeg_bytes(_noise_image("RGB"))
+    assert data.jpeg_frame(raw) == (64, 64, 3)
+    assert data.jpeg_frame(_with_second_frame(raw)) is None
+    assert data.jpeg_frame(_with_fill_byte(raw)) is None
+    assert data.jpeg_frame(raw[:raw.index(b"\xff\xc0") + 6]) is None  # frame header cut off
+    sof = raw.index(b"\xff\xc0")
+    assert data.jpeg_frame(raw[:sof + 4] + b"\x0c" + raw[sof + 5:]) is None  # 12-bit samples
+    assert data.jpeg_frame(raw[:sof] + b"\xff\xc9" + raw[sof + 2:]) is None  # arithmetic coding
+    assert data.jpeg_frame(b"\x89PNG\r\n\x1a\n" + raw) is None
+
+
+OPENCV_TOOLS = os.path.join(caffe_env.tinycaffe_home(), "caffe-1.0-cpu-opencv", "bin", "convert_imageset")
+
+
+@pytest.mark.skipif(not os.access(OPENCV_TOOLS, os.X_OK),
+                    reason="no OpenCV build of Caffe's tools (scripts/install_caffe.sh --opencv-tools)")
+def test_datums_equal_caffe_convert_imageset(built, dataset, tmp_path):
+    """bench_make_lmdb's anchor writes the same pixels: Caffe's own convert_imageset (OpenCV's
+    decoder) and make_lmdb (Pillow's) agree on every 64x64 image, gray ones included."""
+    out, _ = built
+    for split, folder in (("val", "val/images"), ("test", "test/images")):
+        ours = {k.split("_", 1)[1]: d for k, d in records(os.path.join(out, split + "_lmdb"))}
+        names = sorted(n for n in ours if n != "val_4.JPEG")  # val_4 is 80x70: Pillow resizes it, Caffe keeps it
+        listing = tmp_path / (split + ".txt")
+        listing.write_text("".join("%s %d\n" % (n, ours[n].label) for n in names))
+        target = str(tmp_path / (split + "_caffe_lmdb"))
+        run = subprocess.run([OPENCV_TOOLS, os.path.join(dataset, folder) + "/", str(listing), target],
+                             capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-1000:]
+        theirs = {k.split("_", 1)[1]: d for k, d in records(target)}
+        assert sorted(theirs) == names
+        assert Image.open(os.path.join(dataset, folder, split + "_1.JPEG")).mode == "L"  # a gray one is compared
+        for name in names:
+            a, b = ours[name], theirs[name]
+            assert (a.channels, a.height, a.width, a.label) == (b.channels, b.height, b.width, b.label), name
+            assert a.data == b.data, name
