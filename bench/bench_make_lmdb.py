@@ -67,8 +67,8 @@ def anchor_tools(home):
     bin_dir = os.path.join(home, ANCHOR_PREFIX, "bin")
     tools = [os.path.join(bin_dir, t) for t in ("convert_imageset", "compute_image_mean")]
     if not all(os.access(t, os.X_OK) for t in tools):
-        print("building Caffe's tools with OpenCV once (scripts/install_caffe.sh --opencv-tools, ~4 min) ...",
-              flush=True)
+        print("building Caffe's tools with OpenCV once: scripts/install_caffe.sh --opencv-tools (about 4 min; as "
+              "root it apt-installs Debian's libopencv-dev, about 200 packages) ...", flush=True)
         subprocess.run([os.path.join(REPO, "scripts/install_caffe.sh"), "--opencv-tools"], check=True)
     return tools
 

@@ -217,7 +217,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"batch": args.batch, "iters": args.iters, "warmup": WARMUP, "threads": args.threads,
-                       "lmdb_dir": lmdb_dir, "results": results}, f, indent=2)
+                       "lmdb_dir": lmdb_dir, "torch": torch.__version__, "torchvision": torchvision_version,
+                       "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":

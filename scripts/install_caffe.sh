@@ -94,6 +94,8 @@ while [ $# -gt 0 ]; do
 done
 if [ "$OPENCV_TOOLS" -eq 1 ]; then
   [ -z "$FLAVOUR" ] || [ "$FLAVOUR" = cpu ] || die "--opencv-tools builds the CPU flavour only: drop --$FLAVOUR"
+  [ -z "$ARCH_BIN" ] || [ -n "${CUDA_ARCH_BIN:-}" ] || die "--opencv-tools builds the CPU flavour only: drop --arch"
+  [ "$USE_CUDNN" = ON ] || die "--opencv-tools builds the CPU flavour only: drop --no-cudnn"
   FLAVOUR=cpu
 fi
 case "$CUDA_LIBS" in auto|system|wheels) ;; *) die "CUDA_LIBS=$CUDA_LIBS (valid: auto, system, wheels)" ;; esac

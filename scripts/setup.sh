@@ -94,6 +94,10 @@ ensure_service_packages() {
 
 main() {
   case "${1:-}" in -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
+  local arg
+  for arg in "$@"; do  # the bench's anchor build is not a Caffe for tinycaffe: never set it up as one
+    [ "$arg" != --opencv-tools ] || die "--opencv-tools is an option of scripts/install_caffe.sh (the bench's anchor build; setup.sh sets up tinycaffe's own Caffe)"
+  done
   ensure_venv
   ensure_service_packages
   ensure_python_deps

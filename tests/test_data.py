@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from tinycaffe import caffe_env, data, sample_data
 
@@ -133,7 +133,8 @@ def test_train_shuffled_but_complete(built, dataset):
     assert labels[:12] != sorted(labels[:12]) or len(set(labels[:12])) > 1
 
 
-def test_seed_decides_train_order(dataset, tmp_path):
+def test_seed_decides_train_order(dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "CHUNK", 8)  # six ranges: both workers write, the parent merges their sums
     a = data.make_lmdbs(dataset, str(tmp_path / "a"), workers=1, seed=0, splits=["train"])
     b = data.make_lmdbs(dataset, str(tmp_path / "b"), workers=2, seed=0, splits=["train"])
     c = data.make_lmdbs(dataset, str(tmp_path / "c"), workers=1, seed=1, splits=["train"])
@@ -475,11 +476,20 @@ def _with_second_frame(raw):
     return raw[:sof] + raw[sof:sof + 2 + length] + raw[sof:]
 
 
+def _with_segment(raw, marker, payload):
+    """raw with one more segment right after SOI."""
+    return raw[:2] + bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload + raw[2:]
+
+
 IRREGULAR = {
     "another size (resized)": lambda: _jpeg_bytes(_noise_image("RGB", (80, 70))),
     "CMYK": lambda: _jpeg_bytes(_noise_image("CMYK")),
     "PNG named .JPEG": lambda: (lambda b: (_noise_image("RGB").save(b, "PNG"), b.getvalue())[1])(io.BytesIO()),
     "fill byte before a marker": lambda: _with_fill_byte(_jpeg_bytes(_noise_image("RGB"))),
+    "an Adobe segment": lambda: _with_segment(_jpeg_bytes(_noise_image("RGB")), 0xEE,
+                                              b"Adobe\x00\x64\x00\x00\x00\x00\x01"),
+    "an XMP segment": lambda: _with_segment(_jpeg_bytes(_noise_image("RGB")), 0xE1,
+                                            b"http://ns.adobe.com/xap/1.0/\x00<x/>"),
 }
 
 
@@ -545,3 +555,81 @@ def test_datums_equal_caffe_convert_imageset(built, dataset, tmp_path):
             a, b = ours[name], theirs[name]
             assert (a.channels, a.height, a.width, a.label) == (b.channels, b.height, b.width, b.label), name
             assert a.data == b.data, name
+
+
+@pytest.mark.parametrize("marker, payload", [
+    (0xE0, b"JFIF\x00\x01"),  # shorter than JFIF's 14 fixed bytes: Pillow's parser refuses it
+    (0xEE, b"Adobe\x00"),  # Adobe's fixed part cut short
+    (0xE2, b"ICC_PROFILE\x00"),  # no sequence number or count
+])
+def test_short_metadata_segments_get_image_opens_verdict(marker, payload):
+    """Segments Pillow's header parser reads must be complete for the fast path; a short one goes
+    through Image.open, so make_lmdb accepts or refuses the file exactly as Image.open does."""
+    raw = _with_segment(_jpeg_bytes(_noise_image("RGB")), marker, payload)
+    assert data.jpeg_frame(raw) is None
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            expected = np.asarray(im.convert("RGB"))
+    except Exception as exc:  # noqa: BLE001 -- whatever Image.open raises, read_rgb must say the same
+        with pytest.raises(data.BadImage) as ours:
+            data.read_rgb("short.JPEG", 64, raw)
+        said = "cannot identify image file 'short.JPEG'" if isinstance(exc, UnidentifiedImageError) else exc
+        assert str(ours.value) == "short.JPEG: cannot decode (%s)" % said
+    else:
+        np.testing.assert_array_equal(data.read_rgb("short.JPEG", 64, raw)[0], expected)
+
+
+def test_unidentified_file_is_named_by_its_path():
+    with pytest.raises(data.BadImage) as ours:
+        data.read_rgb("/data/x/val_3.JPEG", 64, b"not an image at all")
+    assert str(ours.value) == "/data/x/val_3.JPEG: cannot decode (cannot identify image file '/data/x/val_3.JPEG')"
+
+
+FRAME_SIZE_CHILD = """
+import io, sys
+import numpy as np
+from PIL import Image
+from tinycaffe import data
+for w, h in ((80, 70), (65, 64), (64, 65), (32, 32), (128, 128), (64, 64)):
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (30, 60, 90)).save(buf, "JPEG")
+    pixels, _, resized = data.read_rgb("x.JPEG", 64, buf.getvalue())
+    assert pixels.shape == (64, 64, 3) and resized == ((w, h) != (64, 64)), (w, h)
+print("ok")
+"""
+
+
+def test_frames_of_another_size_never_reach_the_fast_decoder(repo):
+    """Pillow's JPEG decoder writes the frame's own size into the image it is given: a frame of
+    another size would overrun it (a crash, or a heap silently corrupted). Run in a child
+    process, so that such a regression fails this test instead of killing the suite."""
+    run = subprocess.run([sys.executable, "-c", FRAME_SIZE_CHILD], cwd=repo, capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", (run.returncode, run.stderr[-2000:])
+
+
+def test_a_range_with_no_decodable_image(tmp_path):
+    """Every image of a range (here the whole test split) bad: skipped and listed with --skip-bad,
+    the first one named without it; the fingerprint still counts them by their size on disk."""
+    root = str(tmp_path / "tiny-imagenet-200")
+    sample_data.generate(root, classes=2, train=3, val=1, test=3, seed=1)
+    test_dir = os.path.join(root, "test", "images")
+    for name in os.listdir(test_dir):
+        open(os.path.join(test_dir, name), "wb").close()
+    os.remove(os.path.join(test_dir, "test_2.JPEG"))
+    os.mkdir(os.path.join(test_dir, "test_2.JPEG"))  # a folder named like an image
+    manifest = data.make_lmdbs(root, str(tmp_path / "out"), workers=2, skip_bad=True)
+    assert manifest["splits"]["test"]["count"] == 0
+    assert manifest["splits"]["test"]["skipped"] == len(os.listdir(test_dir)) == 6
+    assert data.lmdb_count(str(tmp_path / "out" / "test_lmdb")) == 0
+    reasons = {os.path.basename(s["file"]): s["reason"] for s in manifest["skipped"]}
+    assert reasons["test_0.JPEG"] == "cannot decode (cannot identify image file '%s')" % os.path.join(
+        test_dir, "test_0.JPEG")
+    assert reasons["test_2.JPEG"].startswith("cannot decode ([Errno 21] Is a directory")
+    wnids = data.read_wnids(root)
+    listed = {"train": data.list_train(root, wnids, 0), "val": data.list_val(root, wnids), "test": data.list_test(root)}
+    expected = data.source_fingerprint({split: (len(recs), sum(
+        data.file_token(split, r.name, os.stat(r.path).st_size) for r in recs) % (1 << 64))
+        for split, recs in listed.items()})
+    assert manifest["source_fingerprint"] == expected
+    with pytest.raises(data.BadImage, match="test_0.JPEG: cannot decode"):
+        data.make_lmdbs(root, str(tmp_path / "out2"), workers=2, splits=["test"])

@@ -105,7 +105,8 @@ def test_install_script_cuda_without_a_toolkit_names_the_path(repo, tmp_path):
     (["--cuda"], {"CUDA_LIBS": "conda"}, "CUDA_LIBS=conda (valid: auto, system, wheels)"),
     (["--opencv-tools", "--cuda"], {}, "--opencv-tools builds the CPU flavour only: drop --cuda"),
     (["--cuda", "--opencv-tools"], {}, "--opencv-tools builds the CPU flavour only: drop --cuda"),
-    (["--opencv-tools", "--arch", "90"], {}, "--arch and --no-cudnn are options of the CUDA flavour"),
+    (["--opencv-tools", "--arch", "90"], {}, "--opencv-tools builds the CPU flavour only: drop --arch"),
+    (["--opencv-tools", "--no-cudnn"], {}, "--opencv-tools builds the CPU flavour only: drop --no-cudnn"),
 ])
 def test_install_script_rejects_cuda_options_it_cannot_use(repo, tmp_path, args, env, message):
     env = dict(os.environ, TINYCAFFE_HOME=str(tmp_path / "home"), **env)
