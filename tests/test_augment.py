@@ -379,3 +379,110 @@ def test_caffe_itself_stops_on_impossible_augmentation_with_a_check(repo, tmp_pa
                          capture_output=True, text=True, cwd=os.path.join(repo, "tests"), env=env, timeout=120)
     assert out.returncode == -6 and "ran" not in out.stdout, (out.returncode, out.stderr[-2000:])  # SIGABRT: a CHECK
     assert "Check failed" in out.stderr and message in out.stderr, out.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- random erasing (patch 0018)
+ERASE_FILL = 1000.0  # no transformed pixel can take it: (x - mean) * 1 is within [-120, 155]
+PLAIN_32 = dict(mirror=False, mean_value=[100, 110, 120])  # no crop, no mirror: erasing is the only draw
+
+
+def erased_boxes(out, plain):
+    """For each image, the (top, left, h, w) of the erased rectangle, or None; asserts that the
+    changed pixels are exactly one rectangle, the same in every channel, set to ERASE_FILL."""
+    boxes = []
+    for got, want in zip(out, plain):
+        changed = got != want
+        assert (changed == changed[0]).all()  # every channel, the same pixels
+        if not changed.any():
+            boxes.append(None)
+            continue
+        rows, cols = np.flatnonzero(changed[0].any(1)), np.flatnonzero(changed[0].any(0))
+        top, left, h, w = rows[0], cols[0], rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+        assert changed[0, top:top + h, left:left + w].all()  # a full rectangle, nothing outside it
+        assert (got[:, top:top + h, left:left + w] == ERASE_FILL).all()
+        boxes.append((top, left, h, w))
+    return boxes
+
+
+def test_random_erasing_sets_one_rectangle_within_the_ranges(caffe, tmp_path):
+    images = random_images(4 * BATCH, size=32, seed=3)
+    source = write_lmdb(tmp_path / "erase_lmdb", images)
+    erasing = dict(prob=1, value=ERASE_FILL, **{k: v for k, v in augment.RANDOM_ERASING.items() if k != "value"})
+    out = batches(caffe, tmp_path, source, dict(PLAIN_32, random_erasing_param=erasing), count=4)
+    plain = batches(caffe, tmp_path, source, PLAIN_32, count=4)
+    boxes = erased_boxes(out, plain)
+    found = [b for b in boxes if b is not None]
+    assert len(found) >= 0.9 * len(boxes)  # prob 1: only ten misses in a row leave an image alone
+    r = augment.RANDOM_ERASING
+    for top, left, h, w in found:
+        assert h < 32 and w < 32  # strictly inside, as torchvision
+        # h = round(sqrt(t a)), w = round(sqrt(t / a)) for an area t and an aspect a in their ranges
+        assert (h - 0.5) * (w - 0.5) <= r["max_area"] * 1024 and (h + 0.5) * (w + 0.5) >= r["min_area"] * 1024
+        assert (h - 0.5) / (w + 0.5) <= r["max_aspect"] and (h + 0.5) / (w - 0.5) >= r["min_aspect"]
+    areas = [h * w / 1024 for _, _, h, w in found]
+    assert 0.1 < np.mean(areas) < 0.25  # uniform in 0.02..0.33 (minus the misfits): about 0.17
+    aspects = [h / w for _, _, h, w in found]
+    assert min(aspects) < 0.8 and max(aspects) > 1.25  # log-uniform around 1: both sides
+    assert len({(t, l) for t, l, _, _ in found}) > len(found) // 2  # positions vary
+
+
+def test_random_erasing_probability_and_its_absence(caffe, tmp_path):
+    images = random_images(BATCH, size=32, seed=4)
+    source = write_lmdb(tmp_path / "erase_lmdb", images)
+    half = dict(PLAIN_32, random_erasing_param=dict(prob=0.5, value=ERASE_FILL))
+    out = batches(caffe, tmp_path, source, half, count=16)
+    plain = batches(caffe, tmp_path, source, PLAIN_32, count=16)
+    erased = sum(b is not None for b in erased_boxes(out, plain)) / len(out)
+    assert 0.35 < erased < 0.65, erased  # 256 coins of 0.5 (a few misfits aside): 5 sd either way
+    cropped = dict(crop_size=24, mirror=True, mean_value=[100, 110, 120])  # random crops and mirrors too
+    assert np.array_equal(batches(caffe, tmp_path, source, dict(cropped, random_erasing_param=dict(prob=0)), count=3),
+                          batches(caffe, tmp_path, source, cropped, count=3))  # prob 0: the same draws and values
+
+
+def test_random_erasing_is_train_only_and_seeded(caffe, tmp_path):
+    source = write_lmdb(tmp_path / "erase_lmdb", random_images(BATCH, size=32, seed=5))
+    always = dict(PLAIN_32, random_erasing_param=dict(prob=1, value=ERASE_FILL))
+    assert np.array_equal(batches(caffe, tmp_path, source, always, phase="TEST"),
+                          batches(caffe, tmp_path, source, PLAIN_32, phase="TEST"))
+    first = batches(caffe, tmp_path, source, always, count=2, seed=7)
+    assert np.array_equal(first, batches(caffe, tmp_path, source, always, count=2, seed=7))
+    assert not np.array_equal(first, batches(caffe, tmp_path, source, always, count=2, seed=8))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("random_erasing_param { prob: 1.5 }", "random_erasing_param.prob is 1.5, expected a probability in [0, 1]"),
+    ("random_erasing_param { prob: 0.5 min_area: 0 }", "area is 0..0.333333, expected 0 < min_area"),
+    ("random_erasing_param { prob: 0.5 min_area: 0.5 max_area: 0.4 }", "area is 0.5..0.4"),
+    ("random_erasing_param { prob: 0.5 max_aspect: inf }", "aspect is 0.3..inf"),
+    ("random_erasing_param { prob: 0.5 value: nan }", "random_erasing_param.value is nan, expected a finite number"),
+    ("random_erasing_param { prob: 0.5 max_attempts: 0 }", "random_erasing_param.max_attempts is 0, expected >= 1"),
+])
+def test_check_transform_names_random_erasings_field(text, message):
+    tp = text_format.Parse(text, caffe_env.caffe_pb2().TransformationParameter())
+    problems = augment.check_transform(tp, "net.prototxt (layer 'data')")
+    assert len(problems) == 1 and message in problems[0], problems
+
+
+@pytest.mark.parametrize("erasing, message", [
+    (dict(prob=2), "random_erasing_param.prob must be in [0, 1]"),
+    (dict(prob=0.5, min_area=0), "need 0 < min_area <= max_area <= 1"),
+    (dict(prob=0.5, value="NaN"), "random_erasing_param.value must be finite"),
+])
+def test_caffe_itself_stops_on_impossible_random_erasing(repo, tmp_path, noise_lmdb, erasing, message):
+    test_caffe_itself_stops_on_impossible_augmentation_with_a_check(
+        repo, tmp_path, noise_lmdb, dict(crop_size=4, random_erasing_param=erasing), message)
+
+
+def test_gen_writes_random_erasing_into_train_only(tmp_path):
+    from tinycaffe import check, gen
+    cfg = gen.GenConfig(out=str(tmp_path), lmdb_dir=str(tmp_path / "lmdb"), mode="cpu", random_erasing=0.25)
+    gen.generate(["tiny"], cfg)
+    path = str(tmp_path / "tiny" / "train_val.prototxt")
+    _, net = check.parse(path)
+    train, test = [layer for layer in net.layer if layer.type == "Data"]
+    e = train.transform_param.random_erasing_param
+    assert (e.prob, e.min_area, e.max_aspect, e.value) == pytest.approx((0.25, 0.02, 1 / 0.3, 0.0))
+    assert not test.transform_param.HasField("random_erasing_param")
+    assert "random erasing 0.25" in open(path).readline() + open(path).readlines()[1]
+    with pytest.raises(ValueError, match="--random-erasing must be a probability in \\[0, 1\\]"):
+        gen.generate(["tiny"], gen.GenConfig(out=str(tmp_path), random_erasing=-0.1))

@@ -381,6 +381,8 @@ def test_reports_only_read_and_odd_roots_are_one_line(repo, lmdb_dir, tmp_path, 
     (dict(params={"recipe": {"type": "categorical", "choices": ["modern", "timm"]}}),
      "params.recipe: choice 'timm' is not one of paper, modern"),
     (dict(params={"cutmix": {"type": "float", "low": -1, "high": 1}}), "low and high must be a number >= 0 (0: off)"),
+    (dict(params={"random_erasing": {"type": "float", "low": 0, "high": 1.5}}),
+     "low and high must be a probability in [0, 1] (0: off)"),
     (dict(params={"ema_decay": {"type": "float", "low": 0.9, "high": 1.0}}), "must be a number in [0, 1) (0: off)"),
 ])
 def test_bad_space_is_one_line_naming_the_field(repo, lmdb_dir, tmp_path, change, needle):  # noqa: E501
@@ -476,13 +478,14 @@ def test_two_workers_on_a_postgresql_study(repo, lmdb_dir, tmp_path, postgres):
 
 
 def test_a_trial_takes_the_modern_recipes_knobs(lmdb_dir, tmp_path):
-    """recipe, mixup, cutmix (gen_prototxt's) and ema_decay (the solver's) reach the trial's files."""
+    """recipe, mixup, cutmix, random_erasing (gen_prototxt's) and ema_decay (the solver's) reach the trial's files."""
     from google.protobuf import text_format
     from tinycaffe import caffe_env, sweep_space
     space = sweep_space.parse_space(write_space(tmp_path, lmdb_dir, params={
         "recipe": {"type": "categorical", "choices": ["modern"]}, "cutmix": {"type": "float", "low": 0.5, "high": 2},
-        "ema_decay": {"type": "float", "low": 0.9, "high": 0.99}}))
-    values = {"variant": "tiny", "recipe": "modern", "cutmix": 1.5, "ema_decay": 0.95}
+        "ema_decay": {"type": "float", "low": 0.9, "high": 0.99},
+        "random_erasing": {"type": "float", "low": 0, "high": 0.5}}))
+    values = {"variant": "tiny", "recipe": "modern", "cutmix": 1.5, "ema_decay": 0.95, "random_erasing": 0.25}
     path = sweep.prepare_trial(space, values, str(tmp_path / "trial"), 3, "cpu")
     pb2 = caffe_env.caffe_pb2()
     solver = text_format.Merge(open(path).read(), pb2.SolverParameter())
@@ -491,6 +494,8 @@ def test_a_trial_takes_the_modern_recipes_knobs(lmdb_dir, tmp_path):
     mixup = [layer for layer in net.layer if layer.type == "Mixup"]
     assert len(mixup) == 1 and mixup[0].mixup_param.cutmix_alpha == pytest.approx(1.5)
     assert mixup[0].mixup_param.alpha == 0  # only the searched one
+    train = next(layer for layer in net.layer if layer.type == "Data" and layer.include[0].phase == pb2.TRAIN)
+    assert train.transform_param.random_erasing_param.prob == pytest.approx(0.25)
     paper = sweep.prepare_trial(space, {"variant": "tiny", "recipe": "paper", "ema_decay": 0.9},
                                 str(tmp_path / "paper"), 3, "cpu")
     solver = text_format.Merge(open(paper).read(), pb2.SolverParameter())

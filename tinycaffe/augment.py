@@ -3,8 +3,9 @@
 Caffe patch 0010 (scripts/patches/) adds three TransformationParameter fields, applied
 to raw Datums in the TRAIN phase only: SSD's `distort_param` (brightness, contrast,
 saturation, hue, channel order), `lighting_param` (AlexNet's PCA lighting) and
-`random_resized_crop_param` (torchvision's RandomResizedCrop). This module names
-presets of them for gen_prototxt's `--augment`, and checks hand-edited values.
+`random_resized_crop_param` (torchvision's RandomResizedCrop); patch 0018 adds
+`random_erasing_param` (random erasing, last, on the output). This module names presets of
+them for gen_prototxt's `--augment` (and `--random-erasing`), and checks hand-edited values.
 """
 import json
 import math
@@ -21,6 +22,9 @@ SSD_DISTORT = dict(
 )
 LIGHTING_ALPHASTD = 0.1  # AlexNet section 4.1 and fb.resnet.torch
 RESIZED_CROP = dict(min_area=0.08, max_area=1.0, min_aspect=3.0 / 4.0, max_aspect=4.0 / 3.0)  # torchvision's
+# Random erasing (Zhong et al. 2017; patch 0018), torchvision's RandomErasing defaults: the
+# rectangle's area fraction and aspect (height / width) ranges, and the fill (0: the mean).
+RANDOM_ERASING = dict(min_area=0.02, max_area=1.0 / 3.0, min_aspect=0.3, max_aspect=1.0 / 0.3, value=0.0)
 
 # What each --augment preset turns on; the random crop to --crop is always there (Caffe's own).
 PRESETS = {
@@ -75,10 +79,11 @@ def read_basis(lmdb_dir):
     return dict(basis, source=path)
 
 
-def train_transform(name, basis=None):
+def train_transform(name, basis=None, random_erasing=0.0):
     """The TRAIN transform_param fields of preset `name` (a dict NetSpec and protobuf accept).
 
     basis: a pca_bgr dict (eigval, eigvec) for PCA lighting; ImageNet's when None.
+    random_erasing: the probability of erasing a rectangle (RANDOM_ERASING's ranges); 0: none.
     """
     chosen = preset(name)
     fields = {"mirror": chosen["mirror"]}
@@ -90,10 +95,12 @@ def train_transform(name, basis=None):
                                         eigvec=[v for row in basis["eigvec"] for v in row])
     if chosen.get("resized_crop"):
         fields["random_resized_crop_param"] = dict(RESIZED_CROP)
+    if random_erasing:
+        fields["random_erasing_param"] = dict(RANDOM_ERASING, prob=random_erasing)
     return fields
 
 
-AUGMENT_FIELDS = ("distort_param", "lighting_param", "random_resized_crop_param")
+AUGMENT_FIELDS = ("distort_param", "lighting_param", "random_resized_crop_param", "random_erasing_param")
 
 
 def _between(value, low, high):
@@ -158,19 +165,40 @@ def check_transform(tp, where, channels=3, image_side=None):
                             "eigval >= 0 (standard deviations)" % where)
     if tp.HasField("random_resized_crop_param"):
         r = tp.random_resized_crop_param
-        if not (_between(r.min_area, 0, 1) and r.min_area > 0 and _between(r.max_area, r.min_area, 1)):
-            problems.append("%s: random_resized_crop_param area is %g..%g, expected 0 < min_area <= max_area <= 1"
-                            % (where, r.min_area, r.max_area))
-        if not (_between(r.min_aspect, 0, math.inf) and r.min_aspect > 0 and _between(r.max_aspect, r.min_aspect,
-                                                                                          math.inf)):
-            problems.append("%s: random_resized_crop_param aspect is %g..%g, expected 0 < min_aspect <= max_aspect"
-                            % (where, r.min_aspect, r.max_aspect))
-        if r.max_attempts < 1:
-            problems.append("%s: random_resized_crop_param.max_attempts is 0, expected >= 1" % where)
+        problems.extend(_rectangle_problems(r, "random_resized_crop_param", where))
         side = image_side or 64
         if r.min_aspect > 0 and r.max_aspect >= r.min_aspect and min(resized_crop_fallback(side, side, r)) < 1:
             problems.append("%s: random_resized_crop_param aspect %g..%g leaves no crop of a %dx%d image (its "
                             "fallback rectangle is %dx%d), expected min_aspect <= %g and max_aspect >= %g"
                             % ((where, r.min_aspect, r.max_aspect, side, side) + resized_crop_fallback(side, side, r)
                                + (2.0 * side, 0.5 / side)))
+    if tp.HasField("random_erasing_param"):
+        problems.extend(_erasing_problems(tp.random_erasing_param, where))
+    return problems
+
+
+def _rectangle_problems(r, field, where):
+    """A random rectangle's area and aspect ranges and attempts (the random-resized crop's and
+    random erasing's fields share names and rules)."""
+    problems = []
+    if not (_between(r.min_area, 0, 1) and r.min_area > 0 and _between(r.max_area, r.min_area, 1)):
+        problems.append("%s: %s area is %g..%g, expected 0 < min_area <= max_area <= 1"
+                        % (where, field, r.min_area, r.max_area))
+    if not (_between(r.min_aspect, 0, math.inf) and r.min_aspect > 0 and _between(r.max_aspect, r.min_aspect,
+                                                                                      math.inf)):
+        problems.append("%s: %s aspect is %g..%g, expected 0 < min_aspect <= max_aspect"
+                        % (where, field, r.min_aspect, r.max_aspect))
+    if r.max_attempts < 1:
+        problems.append("%s: %s.max_attempts is 0, expected >= 1" % (where, field))
+    return problems
+
+
+def _erasing_problems(e, where):
+    """The CHECKs of patch 0018, said before a run: which field, what was expected."""
+    problems = []
+    if not _between(e.prob, 0, 1):
+        problems.append("%s: random_erasing_param.prob is %g, expected a probability in [0, 1]" % (where, e.prob))
+    problems.extend(_rectangle_problems(e, "random_erasing_param", where))
+    if not math.isfinite(e.value):
+        problems.append("%s: random_erasing_param.value is %g, expected a finite number" % (where, e.value))
     return problems

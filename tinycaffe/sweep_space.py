@@ -17,7 +17,8 @@ import os
 
 from . import augment, gen, nets, repo_path, solver as solvers
 
-GEN_PARAMS = ("batch_size", "augment", "solver", "crop", "recipe", "mixup", "cutmix")  # through gen.GenConfig
+GEN_PARAMS = ("batch_size", "augment", "solver", "crop", "recipe", "mixup", "cutmix",
+              "random_erasing")  # through gen.GenConfig
 SOLVER_PARAMS = ("base_lr", "weight_decay", "momentum", "gamma", "stepsize", "ema_decay")  # SolverParameter fields
 KINDS = ("float", "int", "categorical")
 PRUNERS = ("asha", "median", "threshold", "none")
@@ -44,6 +45,7 @@ VALUE_RULES = {
     "recipe": ("choice", lambda v: v in solvers.RECIPES, "one of %s" % ", ".join(solvers.RECIPES)),
     "mixup": ("float", lambda v: _number(v) and v >= 0, "a number >= 0 (0: off)"),
     "cutmix": ("float", lambda v: _number(v) and v >= 0, "a number >= 0 (0: off)"),
+    "random_erasing": ("float", lambda v: _number(v) and 0 <= v <= 1, "a probability in [0, 1] (0: off)"),
     "ema_decay": ("float", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1) (0: off)"),
 }
 

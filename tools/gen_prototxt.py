@@ -80,6 +80,10 @@ def build_parser():
     p.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA",
                    help="CutMix of each TRAIN batch, lambda ~ Beta(ALPHA, ALPHA) (timm and DeiT: 1.0); with --mixup too, "
                         "each batch is one or the other, half the time each (default 0: off)")
+    p.add_argument("--random-erasing", type=float, default=0.0, metavar="PROB",
+                   help="erase one random rectangle (area 2-33%%, aspect 0.3-3.3, set to the mean) of a TRAIN image "
+                        "with probability PROB, last, after mirror and mean: random erasing, Zhong et al. 2017 "
+                        "(timm's recipes: 0.25; Caffe patch 0018) (default 0: off)")
     p.add_argument("--seed", type=int, default=solver.RANDOM_SEED,
                    help="solver random_seed (default %d)" % solver.RANDOM_SEED)
     return p
@@ -184,7 +188,8 @@ def main(argv=None):
                             schedule=args.schedule, solver=args.solver, mode=args.mode, max_iter=args.max_iter,
                             test_interval=args.test_interval,
                             num_classes=_num_classes(args), val_size=_val_size(args), seed=args.seed,
-                            augment=args.augment, recipe=args.recipe, mixup=args.mixup, cutmix=args.cutmix)
+                            augment=args.augment, recipe=args.recipe, mixup=args.mixup, cutmix=args.cutmix,
+                            random_erasing=args.random_erasing)
         written = gen.generate(names, cfg)
     except (ValueError, KeyError, OSError, CaffeNotFound, PrototxtError, data.DataError) as exc:
         return _fail(str(exc).strip("'\""))
