@@ -426,6 +426,41 @@ def test_random_erasing_sets_one_rectangle_within_the_ranges(caffe, tmp_path):
     assert len({(t, l) for t, l, _, _ in found}) > len(found) // 2  # positions vary
 
 
+def test_random_erasing_aspect_is_height_over_width_log_uniform_and_reaches_every_edge(caffe, tmp_path):
+    """Height / width, not the other way round (an aspect range above 1 gives tall rectangles);
+    log-uniform (about as many tall as wide over 0.3..3.33, where a uniform draw gives three tall
+    for one wide); top and left up to the last row and column (Rand(H - h + 1))."""
+    source = write_lmdb(tmp_path / "erase_lmdb", random_images(BATCH, size=32, seed=6))
+    plain = batches(caffe, tmp_path, source, PLAIN_32, count=16)
+
+    def boxes(**fields):
+        erasing = dict(prob=1, value=ERASE_FILL, **fields)
+        found = erased_boxes(batches(caffe, tmp_path, source, dict(PLAIN_32, random_erasing_param=erasing),
+                                     count=16), plain)
+        return [b for b in found if b is not None]
+
+    tall = boxes(min_area=0.05, max_area=0.1, min_aspect=2, max_aspect=3)
+    assert len(tall) > 200 and all((h + 0.5) / (w - 0.5) >= 2 for _, _, h, w in tall)  # h/w in [2, 3], rounded
+    either = boxes(min_area=0.02, max_area=0.2, min_aspect=0.3, max_aspect=1 / 0.3)
+    share_tall = sum(h > w for _, _, h, w in either) / sum(h != w for _, _, h, w in either)
+    assert 0.35 < share_tall < 0.65, share_tall
+    assert any(t + h == 32 for t, _, h, _ in either) and any(lf + w == 32 for _, lf, _, w in either)
+    assert any(t == 0 for t, _, _, _ in either) and any(lf == 0 for _, lf, _, _ in either)
+
+
+def test_random_erasing_defaults_are_augments_and_any_attempt_count_works(caffe, tmp_path):
+    e = caffe_env.caffe_pb2().RandomErasingParameter()
+    assert (e.prob, e.max_attempts) == (0, 10)
+    for field, value in augment.RANDOM_ERASING.items():
+        assert getattr(e, field) == pytest.approx(value), field
+    source = write_lmdb(tmp_path / "erase_lmdb", random_images(BATCH, size=32, seed=7))
+    plain = batches(caffe, tmp_path, source, PLAIN_32)
+    for attempts in (1, 2 ** 31, 2 ** 32 - 1):  # a count above int's range once made no attempt at all
+        erasing = dict(prob=1, value=ERASE_FILL, max_attempts=attempts)
+        out = batches(caffe, tmp_path, source, dict(PLAIN_32, random_erasing_param=erasing))
+        assert sum(b is not None for b in erased_boxes(out, plain)) >= BATCH // 2, attempts
+
+
 def test_random_erasing_probability_and_its_absence(caffe, tmp_path):
     images = random_images(BATCH, size=32, seed=4)
     source = write_lmdb(tmp_path / "erase_lmdb", images)
@@ -486,3 +521,5 @@ def test_gen_writes_random_erasing_into_train_only(tmp_path):
     assert "random erasing 0.25" in open(path).readline() + open(path).readlines()[1]
     with pytest.raises(ValueError, match="--random-erasing must be a probability in \\[0, 1\\]"):
         gen.generate(["tiny"], gen.GenConfig(out=str(tmp_path), random_erasing=-0.1))
+    with pytest.raises(ValueError, match="--random-erasing 1e-50 is 0 in Caffe's float"):
+        gen.generate(["tiny"], gen.GenConfig(out=str(tmp_path), random_erasing=1e-50))

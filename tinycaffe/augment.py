@@ -22,8 +22,8 @@ SSD_DISTORT = dict(
 )
 LIGHTING_ALPHASTD = 0.1  # AlexNet section 4.1 and fb.resnet.torch
 RESIZED_CROP = dict(min_area=0.08, max_area=1.0, min_aspect=3.0 / 4.0, max_aspect=4.0 / 3.0)  # torchvision's
-# Random erasing (Zhong et al. 2017; patch 0018), torchvision's RandomErasing defaults: the
-# rectangle's area fraction and aspect (height / width) ranges, and the fill (0: the mean).
+# Random erasing (Zhong et al. 2017; patch 0018), timm's RandomErasing ranges (torchvision's to
+# two decimals): the rectangle's area fraction and aspect (height / width), and the fill (0: the mean).
 RANDOM_ERASING = dict(min_area=0.02, max_area=1.0 / 3.0, min_aspect=0.3, max_aspect=1.0 / 0.3, value=0.0)
 
 # What each --augment preset turns on; the random crop to --crop is always there (Caffe's own).

@@ -1,5 +1,6 @@
 """Write prototxt/<variant>/{train_val,deploy,solver}.prototxt from nets.py and solver.py."""
 import os
+import struct
 from dataclasses import dataclass
 
 from google.protobuf import text_format
@@ -105,6 +106,9 @@ def validate(cfg):
             raise ValueError("%s must be a finite alpha >= 0 (0: off), got %s" % (flag, value))
     if not 0 <= cfg.random_erasing <= 1:
         raise ValueError("--random-erasing must be a probability in [0, 1] (0: off), got %s" % cfg.random_erasing)
+    if cfg.random_erasing and not struct.unpack("f", struct.pack("f", cfg.random_erasing))[0]:
+        raise ValueError("--random-erasing %g is 0 in Caffe's float: it would erase nothing (0: off)"
+                         % cfg.random_erasing)
     if cfg.batch_size is not None and cfg.batch_size < 1:
         raise ValueError("--batch-size must be >= 1, got %d" % cfg.batch_size)
     for flag, value in (("--max-iter", cfg.max_iter), ("--test-interval", cfg.test_interval)):

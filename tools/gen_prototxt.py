@@ -82,8 +82,9 @@ def build_parser():
                         "each batch is one or the other, half the time each (default 0: off)")
     p.add_argument("--random-erasing", type=float, default=0.0, metavar="PROB",
                    help="erase one random rectangle (area 2-33%%, aspect 0.3-3.3, set to the mean) of a TRAIN image "
-                        "with probability PROB, last, after mirror and mean: random erasing, Zhong et al. 2017 "
-                        "(timm's recipes: 0.25; Caffe patch 0018) (default 0: off)")
+                        "with probability PROB, last, after mirror and mean: random erasing, Zhong et al. 2017, "
+                        "timm's ranges (timm's recipes: 0.25, with noise where this fills the mean; Caffe patch "
+                        "0018) (default 0: off)")
     p.add_argument("--seed", type=int, default=solver.RANDOM_SEED,
                    help="solver random_seed (default %d)" % solver.RANDOM_SEED)
     return p
