@@ -142,10 +142,7 @@ def profile_stages(records, scratch, size=64):
         part = recs[start:start + data.CHUNK]
         n = len(part)
         clock = [time.perf_counter()]
-        raws = []
-        for r in part:
-            with open(r.path, "rb", buffering=0) as f:
-                raws.append(f.read())
+        raws = [data.read_file(r.path) for r in part]
         clock.append(time.perf_counter())
         for r, raw in zip(part, raws):
             data.file_token("train", r.name, len(raw))

@@ -541,11 +541,15 @@ cuda_check() {  # $1 = prefix, $2 = caffe binary: the architectures in libcaffe,
   fi
 }
 
+cached_build_matches() {  # $PREFIX holds a build of what is asked, and --force was not given
+  [ "$FORCE" -eq 0 ] && [ -f "$PREFIX/.tinycaffe-build" ] \
+    && head -1 "$PREFIX/.tinycaffe-build" | grep -qxF "$(build_stamp)"
+}
+
 opencv_tools_main() {  # --opencv-tools: build (or reuse) the anchor build; caffe.env is not touched
   choose_python
   PREFIX="$TINYCAFFE_HOME/caffe-1.0-cpu-opencv"
-  if [ "$FORCE" -eq 0 ] && [ -f "$PREFIX/.tinycaffe-build" ] \
-      && head -1 "$PREFIX/.tinycaffe-build" | grep -qxF "$(build_stamp)"; then
+  if cached_build_matches; then
     log "cached build matches ($PREFIX): nothing to build"
   else
     ensure_build_deps "${BUILD_DEPS[@]}" "${OPENCV_DEPS[@]}"
@@ -579,8 +583,7 @@ main() {
     fi
     if [ "$KEEP_ACTIVE" -eq 1 ]; then
       :  # reused as it is (choose_flavour said so): no toolkit needed to compare a stamp
-    elif [ "$FORCE" -eq 0 ] && [ -f "$PREFIX/.tinycaffe-build" ] \
-        && head -1 "$PREFIX/.tinycaffe-build" | grep -qxF "$(build_stamp)"; then
+    elif cached_build_matches; then
       log "cached build matches ($PREFIX): nothing to build"
       # A cache on a machine without Debian's libopenblas0-openmp (removed, or the cache carried
       # over): libcaffe would quietly load the system's pthreads OpenBLAS instead.

@@ -238,6 +238,12 @@ def _decode_plain_jpeg(raw, size):
         return None
 
 
+def read_file(path):
+    """The whole file in one read(): Pillow then parses it from memory, not with ~40 small reads."""
+    with open(path, "rb", buffering=0) as f:
+        return f.read()
+
+
 def read_rgb(path, size, raw=None):
     """An image file (its bytes, if already read) -> (uint8 HxWx3 RGB array, source mode, resized?).
 
@@ -246,8 +252,7 @@ def read_rgb(path, size, raw=None):
     """
     try:
         if raw is None:
-            with open(path, "rb", buffering=0) as f:
-                raw = f.read()
+            raw = read_file(path)
         plain = _decode_plain_jpeg(raw, size)
         if plain is not None:
             pixels, mode = plain
@@ -386,8 +391,7 @@ def _convert_range(bounds):
     for i in range(start, stop):
         r = records[i]
         try:
-            with open(r.path, "rb", buffering=0) as f:
-                raw = f.read()
+            raw = read_file(r.path)
         except OSError as exc:  # a directory, no permission, gone: named as Image.open named it
             tokens += file_token(split, r.name, _stat_size(r.path))
             errors.append((i, "%s: cannot decode (%s)" % (r.path, exc)))
@@ -443,7 +447,7 @@ def pixel_stats(planes, products=True):
             for a in range(3):
                 for b in range(a, 3):
                     xxt[a, b] += used[a] @ used[b]
-    return pixel_sum, np.triu(xxt) + np.triu(xxt, 1).T
+    return pixel_sum, xxt + np.triu(xxt, 1).T  # the loops fill the upper triangle only
 
 
 def _merge(total, part):
