@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from test_trust import mount_tmpfs, read_events  # noqa: F401 (a fixture)
 from tinycaffe import live
 
@@ -24,6 +26,20 @@ def test_images_per_second_comes_from_the_wall_clock_not_caffes_timer(tmp_path):
     (_, events), = read_events(tmp_path)
     rates = {step: value for tag, step, value in events if tag == "images_per_second"}
     assert rates == {20: 10 * 32 / 2.0, 30: 10 * 32 / 1.0}  # none at 10: this process has no earlier mark
+
+
+@pytest.mark.parametrize("garbage", ["-nan", "nan", "-inf", "inf", "-1.07071e+16", "1875", "4.2e-05"])
+def test_a_rate_line_counts_whatever_float_caffe_prints_in_it(tmp_path, garbage):
+    """Caffe's iter/s divides by an uninitialised float after a restore: its text can be any float
+    C++ prints (-nan on x86). The line still marks the time, so the next interval has its rate
+    (a resumed run on CI once lost its first rate to a "-nan")."""
+    curves = live.LiveCurves(str(tmp_path), images_per_iteration=32)
+    for iteration, now, rate in ((60, 100.0, garbage), (70, 104.0, "47.39")):
+        for line in lines(iteration, rate):
+            curves.feed(line, now=now)
+    curves.close()
+    (_, events), = read_events(tmp_path)
+    assert {step: value for tag, step, value in events if tag == "images_per_second"} == {70: 10 * 32 / 4.0}
 
 
 def test_one_value_per_tag_and_step(tmp_path):

@@ -3,6 +3,7 @@ plot_log, report, and bad input caught before Caffe starts (real Caffe, CPU, sam
 import csv
 import glob
 import json
+import math
 import os
 import re
 import signal
@@ -16,7 +17,7 @@ from google.protobuf import text_format
 from PIL import Image
 
 from conftest import make_sample_lmdbs, wait_for_log
-from tinycaffe import caffelog, data, gen, runs, train
+from tinycaffe import caffelog, data, gen, live, runs, train
 from tinycaffe.caffe_env import caffe_pb2
 
 
@@ -89,7 +90,6 @@ def used_batch(run_dir):
 def assert_live_curves_equal_the_log(run_dir, batch):
     """The TensorBoard scalars the run wrote as it went = the numbers of its log (train.csv and
     test.csv are parsed from the same lines), with images/s = Caffe's iter/s x batch."""
-    import math
 
     from conftest import read_scalars
     scalars = read_scalars(run_dir)
@@ -225,6 +225,22 @@ def test_plot_log_on_a_log_being_written(tmp_path):
                    "I20261127 06:00:05.100000 1 solver.cpp:258]     Train net output #0: loss = 1.")
     train, test = caffelog.parse(str(log))
     assert train == [{"NumIters": 0, "Seconds": 0.0, "LearningRate": 0.01, "loss": 2.3}] and test == []
+
+
+@pytest.mark.parametrize("text, value", [("-nan", "nan"), ("nan", "nan"), ("-inf", "-inf"), ("inf", "inf"),
+                                         ("-1.07071e+16", "-1.07071e+16"), ("1e-05", "1e-05"), ("2.3", "2.3")])
+def test_the_log_reads_every_float_caffe_prints(tmp_path, text, value):
+    """C++ streams print a diverged loss as inf, -inf, nan or -nan (x86's NaN has its sign bit):
+    the CSVs and curves carry that value, never a bare "-" read as NaN."""
+    log = tmp_path / "caffe.log"
+    log.write_text("I20261127 06:00:00.000000 1 solver.cpp:239] Iteration 10 (%s iter/s), loss = %s\n"
+                   "I20261127 06:00:00.100000 1 solver.cpp:258]     Train net output #0: loss = %s (* 1 = %s loss)\n"
+                   "I20261127 06:00:00.200000 1 sgd_solver.cpp:112] Iteration 10, lr = %s\n" % ((text,) * 5))
+    (row,), _ = caffelog.parse(str(log))
+    expected = float(value)
+    for key in ("loss", "LearningRate"):
+        assert row[key] == expected or (math.isnan(expected) and math.isnan(row[key])), (key, row)
+    assert live.RATE.search(log.read_text()).group(2) == text
 
 
 @pytest.mark.parametrize("args, needle", [

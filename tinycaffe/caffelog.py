@@ -10,8 +10,11 @@ from .files import atomic_open
 
 TIME = re.compile(r"^[IWEF](\d{4}|\d{8}) (\d\d):(\d\d):(\d\d)\.(\d+)")
 ITERATION = re.compile(r"Iteration (\d+)")
-LR = re.compile(r"Iteration (\d+), lr = ([-+.\deE]+|nan|-nan|inf)")
-OUTPUT = re.compile(r"(Train|Test) net output #\d+: (\S+) = ([-+.\deE]+|-?nan|-?inf)")
+# A float as C++ streams print it: 2.3, 1e-05, -1.07071e+16, inf, -inf, nan, -nan (x86's NaN
+# has its sign bit set); the sign belongs to every form, or "-nan" would read as a bare "-".
+NUMBER = r"[-+]?(?:nan|inf|\d*\.?\d+(?:[eE][-+]?\d+)?)"
+LR = re.compile(r"Iteration (\d+), lr = (%s)" % NUMBER)
+OUTPUT = re.compile(r"(Train|Test) net output #\d+: (\S+) = (%s)" % NUMBER)
 ANNEAL = re.compile(r"tinycaffe: plateau anneal")
 # The train tool's line for a child that resumes from a snapshot (train.py writes it before the child starts).
 RESUMED_FROM = re.compile(r"\] tinycaffe: /.*?(?:-snapshot|--state) \S*_iter_(\d+)\.solverstate")

@@ -31,7 +31,7 @@ import uuid
 
 from . import caffelog
 
-RATE = re.compile(r"Iteration (\d+) \(([-+.\deE]+|inf|nan) iter/s")
+RATE = re.compile(r"Iteration (\d+) \((%s) iter/s" % caffelog.NUMBER)
 
 
 class LiveCurves:
