@@ -47,7 +47,8 @@ BUILD_DEPS=(cmake g++ make patch dpkg-dev pkg-config debian-archive-keyring
   libboost-system-dev libboost-thread-dev libboost-filesystem-dev libboost-python-dev
   libgoogle-glog-dev libgflags-dev libprotobuf-dev protobuf-compiler
   libhdf5-dev liblmdb-dev libsnappy-dev libopenblas-dev
-  libopenblas0-openmp)
+  libopenblas0-openmp
+  libdnnl-dev)  # oneDNN: patch 0019 runs the CPU convolutions in it (its CMake config is what Caffe looks for)
 # What --opencv-tools adds: OpenCV's decoders, which Caffe's io.cpp (and so convert_imageset) uses.
 OPENCV_DEPS=(libopencv-dev)  # its OpenCVConfig.cmake is what Caffe's CMake looks for
 # The CPU flavour links OpenBLAS's OpenMP build, by path (RUNPATH points libcaffe at it, so the
