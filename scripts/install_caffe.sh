@@ -394,14 +394,35 @@ ensure_reference_files() {  # a cached build made before they were kept: fetch t
   rm -rf "$work"
 }
 
+applied_patches() {  # $1 = source tree -> how many of the patches, from the first, it already holds
+  # Later patches change lines of earlier ones (0019 inside 0011's convolution loop), so on a
+  # tree that holds them all an early patch alone need not reverse: the first k are applied
+  # when patches k, k-1, ..., 1 reverse one after the other, tried on a scratch copy from the
+  # largest k whose own patch reverses on the tree.
+  local patches=("$REPO"/scripts/patches/*.patch) k i scratch ok
+  for ((k = ${#patches[@]}; k > 0; k--)); do
+    patch -d "$1" -p1 -R --dry-run -s -f < "${patches[k - 1]}" >/dev/null 2>&1 || continue
+    scratch="$(mktemp -d)"
+    cp -a "$1/." "$scratch/"
+    ok=1
+    for ((i = k - 1; i >= 0; i--)); do
+      patch -d "$scratch" -p1 -R -s -f < "${patches[i]}" >/dev/null 2>&1 || { ok=0; break; }
+    done
+    rm -rf "$scratch"
+    if [ "$ok" -eq 1 ]; then echo "$k"; return; fi
+  done
+  echo 0
+}
+
 apply_patches() {  # $1 = source tree
-  local p
-  for p in "$REPO"/scripts/patches/*.patch; do
-    if patch -d "$1" -p1 -R --dry-run -s -f < "$p" >/dev/null 2>&1; then
-      log "patch already applied: $(basename "$p")"
+  local patches=("$REPO"/scripts/patches/*.patch) applied i
+  applied="$(applied_patches "$1")"
+  for ((i = 0; i < ${#patches[@]}; i++)); do
+    if [ "$i" -lt "$applied" ]; then
+      log "patch already applied: $(basename "${patches[i]}")"
     else
-      patch -d "$1" -p1 -s -f < "$p" || die "patch $(basename "$p") does not apply to this Caffe source"
-      log "patched: $(basename "$p")"
+      patch -d "$1" -p1 -s -f < "${patches[i]}" || die "patch $(basename "${patches[i]}") does not apply to this Caffe source"
+      log "patched: $(basename "${patches[i]}")"
     fi
   done
 }
@@ -591,6 +612,11 @@ main() {
       if [ "$FLAVOUR" = cpu ] && ! ldd "$PREFIX/lib/libcaffe.so" 2>/dev/null | grep -q 'openblas-openmp/'; then
         log "libcaffe does not find OpenBLAS's OpenMP build: installing it"
         ensure_build_deps libopenblas0-openmp
+      fi
+      # The same for oneDNN (patch 0019), without which libcaffe does not load at all.
+      if ldd "$PREFIX/lib/libcaffe.so" 2>/dev/null | grep -q 'libdnnl.*not found'; then
+        log "libcaffe does not find oneDNN (libdnnl): installing it"
+        ensure_build_deps libdnnl-dev
       fi
     else
       [ -f "$PREFIX/.tinycaffe-build" ] && log "cached build differs from what is asked: rebuilding"

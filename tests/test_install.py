@@ -139,45 +139,52 @@ def test_install_script_second_run_rebuilds_nothing(repo, caffe_bin, tmp_path):
     assert "pycaffe 1.0.0 OK" in out.stdout
 
 
+def _hunks(patch):
+    """[(file, old start, old length, new lines)] of a unified diff, in its order."""
+    hunks, target = [], None
+    with open(patch) as f:
+        for line in f:
+            if line.startswith("+++ b/"):
+                target = line[6:].split("\t")[0].strip()
+            elif line.startswith("@@"):
+                old = line.split()[1][1:].split(",")
+                hunks.append((target, int(old[0]), int(old[1]) if len(old) > 1 else 1, []))
+            elif hunks and line[:1] in (" ", "+") and not line.startswith("+++ "):
+                hunks[-1][3].append(line[1:])
+    return hunks
+
+
 def _write_patched_files(repo, src):
-    """Write, for every file our patches touch, the lines the patches leave there
-    (context + added, hunks in file order, several patches to one file merged), so
-    that install_caffe.sh sees every patch as applied."""
-    hunks = {}  # file -> [(new start line, lines)]
+    """Write, for every file our patches touch, what the patches leave there: each patch in
+    turn replaces its hunks' old lines by their new ones (context + added) in a file whose
+    lines no hunk shows are blank, and moves the lines below. Every line any hunk shows is
+    then where a real patched tree has it, so the patches reverse one after the other, from
+    the last, as on a tree that holds them all."""
+    files = {}
     for patch in sorted(glob.glob(os.path.join(repo, "scripts/patches/*.patch"))):
-        target = None
-        with open(patch) as f:
-            for line in f:
-                if line.startswith("+++ b/"):
-                    target = line[6:].split("\t")[0].strip()
-                elif line.startswith("@@"):
-                    start = int(line.split("+")[1].split(",")[0].split(" ")[0])
-                    hunks.setdefault(target, []).append((start, []))
-                elif target and line[:1] in (" ", "+") and hunks.get(target):
-                    hunks[target][-1][1].append(line[1:])
-    for target, parts in hunks.items():
+        for target, old_start, old_length, new in reversed(_hunks(patch)):  # from the bottom: the tops stay put
+            lines = files.setdefault(target, [])
+            at = old_start if old_length == 0 else old_start - 1  # a pure insertion comes after its line
+            lines.extend(["\n"] * max(0, at + old_length - len(lines)))
+            lines[at:at + old_length] = new
+    for target, lines in files.items():
         path = src / target
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Hunks at their own line numbers (blank filler between): two hunks with the
-        # same text (0006's conv and deconv) must not sit next to each other.
-        text, row = [], 1
-        for start, lines in sorted(parts, key=lambda p: p[0]):
-            text += ["\n"] * max(0, start - row)
-            text += lines
-            row = max(row, start) + len(lines)
-        path.write_text("".join(text))
+        path.write_text("".join(lines))
 
 
 def test_failed_build_leaves_no_prefix_behind(repo, tmp_path):
     """A source tree whose configure fails: exit non-zero, no prefix, no scratch dir."""
     src = tmp_path / "bad-src"
     _write_patched_files(repo, src)
-    (src / "CMakeLists.txt").write_text('cmake_minimum_required(VERSION 3.5)\nmessage(FATAL_ERROR "boom")\n')
+    with open(src / "CMakeLists.txt", "a") as f:  # after the patched lines, which must still reverse
+        f.write('\nmessage(FATAL_ERROR "boom")\n')
     home = tmp_path / "home"
     env = dict(os.environ, TINYCAFFE_HOME=str(home), CAFFE_SRC=str(src))
     out = run(["bash", INSTALL, "--cpu", "--python", sys.executable], cwd=repo, env=env)
     assert out.returncode != 0
-    assert "patch already applied" in out.stdout
+    patches = glob.glob(os.path.join(repo, "scripts/patches/*.patch"))
+    assert out.stdout.count("patch already applied") == len(patches) and "patched:" not in out.stdout, out.stdout
     assert "cmake configure failed" in out.stderr
     assert not (home / "caffe-1.0-cpu").exists()
     assert [p.name for p in home.iterdir() if p.name.startswith("build-")] == []
