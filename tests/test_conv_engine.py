@@ -3,9 +3,11 @@
 against a float64 reference of Caffe's definition (cross-correlation with stride, pad,
 dilation and groups; weight and bias gradients added to the diffs, the bottom gradient
 written): outputs, input gradients, parameter gradients; a net that changes shape between
-passes; parameters and bottoms that take no gradient; and proof that DEFAULT is oneDNN
-(its verbose log) and CAFFE is not, so the reference checks cover the new kernels.
+passes (batch alone, image alone); parameters and bottoms that take no gradient; and proof
+that DEFAULT runs oneDNN for every one of these shapes (its verbose log) and CAFFE and
+force_nd_im2col do not, so the reference checks cover the new kernels.
 """
+import collections
 import os
 import subprocess
 import sys
@@ -46,10 +48,11 @@ def conv_text(name, num_output, params, engine, bottoms=("x",), tops=("y",), ext
     assert dh == dw, "Caffe's dilation field here: one value"
     return ('layer { name: "%s" type: "Convolution" %s %s %s convolution_param { num_output: %d '
             "kernel_h: %d kernel_w: %d stride_h: %d stride_w: %d pad_h: %d pad_w: %d dilation: %d "
-            "group: %d bias_term: %s engine: %s } }"
+            "group: %d bias_term: %s engine: %s%s } }"
             % (name, " ".join('bottom: "%s"' % b for b in bottoms), " ".join('top: "%s"' % t for t in tops), extra,
                num_output, kh, kw, sh, sw, ph, pw, dh, params.get("group", 1),
-               "true" if params.get("bias", True) else "false", engine))
+               "true" if params.get("bias", True) else "false", engine,
+               " force_nd_im2col: true" if params.get("force_nd_im2col") else ""))
 
 
 def input_text(shapes, names=("x",)):
@@ -160,7 +163,8 @@ def test_a_net_that_changes_shape_gets_new_primitives(caffe, tmp_path, engine):
     net = make_net(caffe, tmp_path, input_text([(3, 4, 12, 11)]) + conv_text("l", num_output, params, engine), "r")
     for i, blob in enumerate(net.params["l"]):
         blob.data[...] = seeded(blob.data.shape, 20 + i)
-    for seed, shape in enumerate([(3, 4, 12, 11), (5, 4, 7, 9), (3, 4, 12, 11)]):
+    # the batch alone (pycaffe's deploy batch of 1), the image alone, both, and back
+    for seed, shape in enumerate([(3, 4, 12, 11), (5, 4, 12, 11), (5, 4, 7, 9), (1, 4, 7, 9), (3, 4, 12, 11)]):
         net.blobs["x"].reshape(*shape)
         net.reshape()
         run_and_check(net, params, seeded(shape, 30 + seed), seed=40 + seed)
@@ -252,32 +256,38 @@ VERBOSE_RUNNER = r"""
 import os, sys
 sys.path.insert(0, sys.argv[1])
 import pathlib
-import numpy as np
 import test_conv_engine as t
 from tinycaffe import caffe_env
 caffe = caffe_env.import_caffe()
 caffe.set_mode_cpu()
-shape, num_output, params = t.CASES["groups"]
-net = t.make_net(caffe, pathlib.Path(sys.argv[2]), t.input_text([shape]) + t.conv_text("l", num_output, params, sys.argv[3]), "v")
-net.blobs["x"].data[...] = t.seeded(shape, 1)
-net.forward()
-net.blobs["y"].diff[...] = 1
-net._backward(len(net.layers) - 1, 0)
+engine, force_nd = sys.argv[3], sys.argv[4] == "force_nd"
+for name, (shape, num_output, params) in sorted(t.CASES.items()):
+    params = dict(params, force_nd_im2col=force_nd)
+    net = t.make_net(caffe, pathlib.Path(sys.argv[2]), t.input_text([shape]) + t.conv_text("l", num_output, params, engine),
+                     name)
+    net.blobs["x"].data[...] = t.seeded(shape, 1)
+    net.forward()
+    net.blobs["y"].diff[...] = 1
+    net._backward(len(net.layers) - 1, 0)
 """
 
 
-@pytest.mark.parametrize("engine,passes", [("DEFAULT", {"forward_training", "backward_data", "backward_weights"}),
-                                           ("CAFFE", set())])
-def test_default_is_onednn_and_caffe_is_im2col(tmp_path, engine, passes):
-    """The reference checks above cover oneDNN's kernels only if DEFAULT runs them: its verbose
-    log lists every convolution it executes."""
-    env = dict(os.environ, DNNL_VERBOSE="1", ONEDNN_VERBOSE="1", GLOG_minloglevel="2")
+@pytest.mark.parametrize("engine,force_nd,runs", [("DEFAULT", "", 1), ("CAFFE", "", 0), ("DEFAULT", "force_nd", 0)])
+def test_default_is_onednn_and_caffe_is_im2col(tmp_path, engine, force_nd, runs):
+    """The reference checks above cover oneDNN's kernels only if DEFAULT runs them for every
+    shape (a shape it refused would fall back to im2col and pass them silently): its verbose
+    log lists every convolution it executes, one forward, backward-data and backward-weights
+    per case. `engine: CAFFE` and `force_nd_im2col` run none."""
+    env = dict(os.environ, DNNL_VERBOSE="1", ONEDNN_VERBOSE="1", GLOG_logtostderr="1", GLOG_minloglevel="1")
     proc = subprocess.run([sys.executable, "-c", VERBOSE_RUNNER, os.path.dirname(os.path.abspath(__file__)),
-                           str(tmp_path), engine], env=env, capture_output=True, text=True, timeout=120)
+                           str(tmp_path), engine, force_nd], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    executed = {line.split(",")[5] for line in proc.stdout.splitlines()
-                if line.startswith(("onednn_verbose,exec,cpu,convolution", "dnnl_verbose,exec,cpu,convolution"))}
-    assert executed == passes, proc.stdout[-2000:]
+    executed = collections.Counter(line.split(",")[5] for line in proc.stdout.splitlines()
+                                   if line.startswith(("onednn_verbose,exec,cpu,convolution",
+                                                       "dnnl_verbose,exec,cpu,convolution")))
+    expected = {p: runs * len(CASES) for p in ("forward_training", "backward_data", "backward_weights") if runs}
+    assert executed == expected, proc.stdout[-2000:]
+    assert "oneDNN has no convolution" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_the_cpu_build_links_onednn():
